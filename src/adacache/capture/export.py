@@ -1,0 +1,169 @@
+"""Trace a model with ``torch.export`` (non-strict) into a flat GraphModule.
+
+The graph is captured on real inputs, once per *input signature* (the shapes, dtypes and
+devices of the tensor inputs plus the values of non-tensor inputs). A new batch size or
+resolution is a new signature and is captured again; see ``docs/design.md`` for why this
+beats dynamic shapes for the models we target.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from ..errors import CaptureError
+
+
+@dataclass(frozen=True)
+class InputSignature:
+    """What a captured graph is specialised to: tree structure, tensor metadata, constants."""
+
+    treespec: str
+    leaves: tuple[tuple[Any, ...], ...]
+
+    def describe(self) -> str:
+        """A short human-readable form, for error messages and summaries."""
+        parts = []
+        for leaf in self.leaves:
+            if leaf[0] == "tensor":
+                _, path, shape, dtype, device = leaf
+                parts.append(f"{path}: {dtype.replace('torch.', '')}{list(shape)}@{device}")
+            else:
+                _, path, value = leaf
+                parts.append(f"{path}={value!r}")
+        return ", ".join(parts)
+
+
+def _leaf_path(path: tuple[Any, ...]) -> str:
+    return pytree.keystr(path).lstrip("[").replace("][", ".").rstrip("]") or "<root>"
+
+
+def signature_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> InputSignature:
+    """The signature of one call's inputs (tensors by metadata, everything else by value)."""
+    leaves_with_path, spec = pytree.tree_flatten_with_path((args, kwargs))
+    leaves = []
+    for path, leaf in leaves_with_path:
+        name = _leaf_path(path)
+        if isinstance(leaf, torch.Tensor):
+            leaves.append(("tensor", name, tuple(leaf.shape), str(leaf.dtype), str(leaf.device)))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                leaf = repr(leaf)
+            leaves.append(("const", name, leaf))
+    return InputSignature(treespec=str(spec), leaves=tuple(leaves))
+
+
+@dataclass
+class CapturedGraph:
+    """A model captured on one input signature.
+
+    ``graph_module`` takes the flat leaves of ``(args, kwargs)`` positionally and returns
+    the flat leaves of the model's output; ``out_spec`` rebuilds the model's own output
+    type (diffusers output dataclasses, tuples for ``return_dict=False``).
+    """
+
+    graph_module: fx.GraphModule
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    signature: InputSignature
+    input_names: list[str] = field(default_factory=list)
+
+    def flatten_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """Flat leaves of a call's inputs in the order of the graph's placeholders."""
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.in_spec:
+            raise CaptureError(
+                f"inputs do not have the structure the graph was captured with: got {spec}, "
+                f"captured {self.in_spec}"
+            )
+        return leaves
+
+    def unflatten_outputs(self, flat: list[Any]) -> Any:
+        """Rebuild the model's own output object from flat graph outputs."""
+        return pytree.tree_unflatten(list(flat), self.out_spec)
+
+
+def _module_in_traceback(model: nn.Module, exc: BaseException) -> str | None:
+    """The qualified name of the deepest submodule of ``model`` whose code raised ``exc``."""
+    names = {id(m): name for name, m in model.named_modules()}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)] or "<root>"
+        tb = tb.tb_next
+    return found
+
+
+def _input_summary(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    return signature_of(args, kwargs).describe()
+
+
+def _flatten_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """Turn ``ExportedProgram.module()`` into a graph over flat positional leaves.
+
+    The pytree codegen and the shape-guard node are removed: the runtime checks input
+    signatures itself and rebuilds output objects from ``out_spec``, and the passes and
+    backends want a plain ``(flat inputs) -> tuple(flat outputs)`` graph.
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            graph.erase_node(node)
+            if hasattr(gm, str(node.target)):
+                delattr(gm, str(node.target))
+    graph._codegen = fx.graph.CodeGen()
+    out = graph.output_node()
+    flat_outs = out.args[0]
+    if not isinstance(flat_outs, (tuple, list)):
+        flat_outs = (flat_outs,)
+    out.args = (tuple(flat_outs),)
+    graph.lint()
+    # A fresh GraphModule drops the input-checking pre-hook that ExportedProgram.module()
+    # installs for the pytree signature; parameters are shared, not copied.
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+def capture(
+    model: nn.Module,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> CapturedGraph:
+    """Capture ``model(*args, **kwargs)`` as a flat FX graph with ``torch.export`` (non-strict).
+
+    Raises:
+        CaptureError: export failed; the message keeps the exporter's diagnostic and names
+            the submodule whose code raised, and the inputs it was called with.
+    """
+    kwargs = dict(kwargs or {})
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(model, tuple(args), kwargs, strict=False)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context below
+        where = _module_in_traceback(model, exc)
+        where_msg = f" inside submodule '{where}'" if where else ""
+        tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}{where_msg} on inputs "
+            f"({_input_summary(args, kwargs)}).\nExporter diagnostic:\n{tail}\n"
+            "Fix: make the failing module traceable (avoid data-dependent Python control flow), "
+            "or pass `example_inputs=` that match the way you call the model."
+        ) from exc
+    gm = _flatten_graph(exported.module())
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return CapturedGraph(
+        graph_module=gm,
+        in_spec=exported.call_spec.in_spec,
+        out_spec=exported.call_spec.out_spec,
+        signature=signature_of(args, kwargs),
+        input_names=names,
+    )
+

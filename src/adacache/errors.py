@@ -1,0 +1,23 @@
+"""Exceptions raised by adacache. Each one says what was wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class AdaCacheError(Exception):
+    """Base class of every error adacache raises on purpose."""
+
+
+class NotEligibleError(AdaCacheError):
+    """The model has no transformer blocks that adacache can cache."""
+
+
+class CaptureError(AdaCacheError):
+    """``torch.export`` could not capture the model on the given inputs."""
+
+
+class PolicyError(AdaCacheError, ValueError):
+    """A policy was built with invalid parameters or cannot be applied to this model."""
+
+
+class SessionError(AdaCacheError):
+    """The runtime was driven in a way it cannot serve (wrong inputs, misuse of a session)."""

@@ -1,0 +1,60 @@
+"""The small tensor functions that the cache pass inserts into a graph.
+
+They are plain compositions of aten ops on purpose: a graph that calls them stays
+exportable (``torch.export``), compilable (``torch.compile``) and lowerable to ONNX
+without any custom-op registration, and in the rewritten FX graph each one shows up
+as one readable node (``cache_load``, ``offset_score``, ``blend`` ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_EPS = 1e-12
+
+
+def cache_load(stream: Tensor, cached: Tensor) -> Tensor:
+    """Rebuild a skipped region's output from its cached residual: ``stream + cached``."""
+    return stream + cached
+
+
+def residual_of(output: Tensor, stream: Tensor) -> Tensor:
+    """The residual a region added to its stream, the form Δ-DiT reuses."""
+    return output - stream
+
+
+def offset_score(fresh: Tensor, cached: Tensor) -> Tensor:
+    """Relative L1 change of ``fresh`` against ``cached``, one value per batch item.
+
+    ``mean|fresh - cached| / mean|cached|`` over every dim but the first. One value per
+    item, not per batch, so that the conditional and unconditional halves of a CFG batch
+    (or two requests batched together) report separate signals.
+    """
+    dims = tuple(range(1, fresh.dim()))
+    num = (fresh - cached).abs().mean(dim=dims)
+    den = cached.abs().mean(dim=dims).clamp_min(_EPS)
+    return (num / den).to(torch.float32)
+
+
+def all_finite(*tensors: Tensor) -> Tensor:
+    """0-d bool: every element of every tensor is finite."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    out = flags[0]
+    for f in flags[1:]:
+        out = out & f
+    return out
+
+
+def blend(use_first: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """Select ``first`` where the 0-d bool ``use_first`` holds, else ``second`` (a graph-level if)."""
+    return torch.where(use_first, first, second)
+
+
+def below(score: Tensor, threshold: float) -> Tensor:
+    """0-d bool: every batch item's score is finite and below ``threshold``.
+
+    A batch reuses only when every item agrees: one request in a batch never makes
+    another request reuse a cache that its own signal calls stale.
+    """
+    return torch.isfinite(score).all() & (score < threshold).all()

@@ -1,0 +1,30 @@
+"""Graph passes, each ``GraphModule -> GraphModule`` with one job.
+
+Order, in the spirit of PT2E quantization (annotate -> insert -> lower):
+
+1. :func:`find_blocks` annotates the transformer blocks (``node.meta["adacache_region"]``).
+2. :func:`outline_sites` cuts each cache site (a block, a span of blocks, or an
+   attention / feed-forward call) out into a child module.
+3. :func:`insert_cache_nodes` wraps each site in ``cache_load`` / ``offset_score`` /
+   ``blend`` nodes and a ``cond``, with the cache state as explicit graph inputs/outputs.
+4. :func:`lower_cond_to_python` (eager) or nothing (``torch.compile``, ONNX) lowers it.
+"""
+
+from .find_blocks import find_blocks
+from .insert_cache import CacheLayout, StateSpec, insert_cache_nodes, outline_sites
+from .lower import branch, lower_cond_to_python, raise_python_branch_to_cond
+from .outline import outline_region
+from .regions import Region
+
+__all__ = [
+    "CacheLayout",
+    "Region",
+    "StateSpec",
+    "branch",
+    "find_blocks",
+    "insert_cache_nodes",
+    "lower_cond_to_python",
+    "outline_region",
+    "outline_sites",
+    "raise_python_branch_to_cond",
+]

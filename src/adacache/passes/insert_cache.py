@@ -1,0 +1,251 @@
+"""Pass 2 (outline sites) and pass 3 (insert cache nodes).
+
+After this pass the graph is *functional in its cache state*:
+
+    (user inputs, controls, cache_in) -> (user outputs, cache_out, signals)
+
+For every cached site the outlined call becomes
+
+    pred   = allow & valid_in [& below(offset_score(probe), threshold)]
+    result = cond(pred, reuse_branch, compute_branch, (site inputs, cache_in))
+
+where ``reuse_branch`` rebuilds the outputs from the cache (``cache_load``) without
+running the site, and ``compute_branch`` runs it and refreshes the cache. The cond is
+``torch.ops.higher_order.cond``, so the same graph exports to ONNX ``If`` and compiles
+without re-tracing; the eager backend lowers it to a plain Python branch (see
+:mod:`adacache.passes.lower`).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from .. import ops
+from ..policies.base import SitePlan
+from .outline import outline_region
+from .regions import Region, build_region, is_compute_node, tensor_meta
+
+META_KEY = "adacache"
+
+
+@dataclass
+class StateSpec:
+    """One cache tensor carried between steps: a graph input and the matching output."""
+
+    name: str
+    site: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str  # "cache" (a tensor of the reuse form) or "valid" (0-d bool)
+
+
+@dataclass
+class CacheLayout:
+    """How the rewritten graph's extra inputs and outputs are laid out.
+
+    Inputs: ``num_user_inputs`` user leaves, then ``controls`` (0-d bool, one per cached
+    site), then ``states``. Outputs: ``num_user_outputs`` user leaves, then ``states`` (the
+    updated cache, same order), then ``signals``.
+    """
+
+    num_user_inputs: int
+    num_user_outputs: int
+    sites: list[SitePlan] = field(default_factory=list)
+    controls: list[str] = field(default_factory=list)
+    states: list[StateSpec] = field(default_factory=list)
+    signals: list[str] = field(default_factory=list)
+
+
+def outline_sites(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphModule:
+    """Cut every site's regions out into one child module ``<site.name>`` called once."""
+    for site in sites:
+        nodes = [n for region in site.regions for n in region.nodes]
+        order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_compute_node(n))}
+        nodes.sort(key=order.__getitem__)
+        region = build_region(site.label, site.name, "site", nodes, order)
+        if not region.eligible:
+            raise AssertionError(f"site {site.label} cannot be outlined: {region.reason}")
+        if site.reuse == "residual" and not region.is_residual:
+            raise AssertionError(f"site {site.label} has outputs without a residual stream")
+        site.regions = (region,)
+        outline_region(gm, region, site.name)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _site_call(gm: fx.GraphModule, site: SitePlan) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == site.name:
+            return node
+    raise AssertionError(f"site {site.name} was not outlined")
+
+
+class _BranchRoot(nn.Module):
+    """Owner of a branch graph: holds the outlined site module as ``site``."""
+
+    def __init__(self, site: nn.Module | None) -> None:
+        super().__init__()
+        if site is not None:
+            self.site = site
+
+
+def _branch(site_module: nn.Module | None, build, n_inputs: int, n_state: int, name: str) -> fx.GraphModule:
+    graph = fx.Graph()
+    inputs = [graph.placeholder(f"in_{i}") for i in range(n_inputs)]
+    state = [graph.placeholder(f"cache_{i}") for i in range(n_state)]
+    graph.output(tuple(build(graph, inputs, state)))
+    return fx.GraphModule(_BranchRoot(site_module), graph, class_name=name)
+
+
+def _outputs_of(graph: fx.Graph, call: fx.Node, count: int) -> list[fx.Node]:
+    return [graph.call_function(operator.getitem, (call, i)) for i in range(count)]
+
+
+def _fresh_state(graph: fx.Graph, site: SitePlan, region: Region, inputs: list[fx.Node], outs: list[fx.Node]) -> list[fx.Node]:
+    """The cache a computed step leaves behind, in the site's reuse form."""
+    if site.reuse == "residual":
+        return [graph.call_function(ops.residual_of, (outs[i], inputs[region.streams[i]])) for i in range(len(outs))]
+    return outs
+
+
+def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphModule:
+    """Wrap every outlined site in cache nodes and thread the cache state through the graph.
+
+    Expects :func:`outline_sites` to have run. Records a :class:`CacheLayout` in
+    ``gm.meta["adacache"]``.
+    """
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output_node = graph.output_node()
+    user_outputs = list(output_node.args[0])
+    layout = CacheLayout(num_user_inputs=len(placeholders), num_user_outputs=len(user_outputs), sites=list(sites))
+    new_state: dict[str, fx.Node] = {}
+    signal_out: list[fx.Node] = []
+    last_ph = placeholders[-1] if placeholders else None
+    gates: dict[str, tuple[fx.Node, fx.Node]] = {}
+    probe_state: dict[str, list[tuple[str, fx.Node, fx.Node]]] = {}
+
+    def new_placeholder(name: str) -> fx.Node:
+        nonlocal last_ph
+        if last_ph is None:
+            with graph.inserting_before(next(iter(graph.nodes))):
+                ph = graph.placeholder(name)
+        else:
+            with graph.inserting_after(last_ph):
+                ph = graph.placeholder(name)
+        last_ph = ph
+        return ph
+
+    controls: list[fx.Node] = []
+    states_in: list[tuple[StateSpec, fx.Node]] = []
+
+    for site in sites:
+        call = _site_call(gm, site)
+        region = site.regions[0]
+        n_out = len(region.outputs)
+        inputs = list(call.args)
+        getitems = sorted(call.users, key=lambda u: u.args[1])
+        cache_nodes: list[fx.Node] = []
+        for i, item in enumerate(getitems):
+            val = tensor_meta(item)
+            spec = StateSpec(f"cache__{site.name}__{i}", site.name, tuple(val.shape), val.dtype, "cache")
+            ph = new_placeholder(spec.name)
+            states_in.append((spec, ph))
+            cache_nodes.append(ph)
+        valid_spec = StateSpec(f"cache__{site.name}__valid", site.name, (), torch.bool, "valid")
+        valid_in = new_placeholder(valid_spec.name)
+        states_in.append((valid_spec, valid_in))
+
+        if site.role == "probe":
+            with graph.inserting_before(getitems[-1].next):
+                fresh = _fresh_state(graph, site, region, inputs, getitems)
+                score = graph.call_function(ops.offset_score, (fresh[0], cache_nodes[0]))
+                finite = graph.call_function(ops.all_finite, tuple(fresh))
+            gates[site.name] = (score, valid_in)
+            probe_state[site.name] = [
+                *((f"cache__{site.name}__{i}", c, f) for i, (c, f) in enumerate(zip(cache_nodes, fresh))),
+                (valid_spec.name, valid_in, finite),
+            ]
+            signal_out.append(score)
+            layout.signals.append(f"signal__{site.name}__score")
+            continue
+
+        allow = new_placeholder(f"allow__{site.name}")
+        controls.append(allow)
+        layout.controls.append(allow.name)
+        site_module = gm.get_submodule(site.name)
+
+        def build_compute(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], site=site, region=region, n_out=n_out):
+            call_ = g.call_module("site", tuple(ins))
+            outs = _outputs_of(g, call_, n_out)
+            fresh = _fresh_state(g, site, region, ins, outs)
+            return [*outs, *fresh, g.call_function(ops.all_finite, tuple(fresh))]
+
+        def build_reuse(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], site=site, region=region, n_out=n_out):
+            if site.reuse == "residual":
+                outs = [g.call_function(ops.cache_load, (ins[region.streams[i]], st[i])) for i in range(n_out)]
+            else:
+                outs = [g.call_method("clone", (s,)) for s in st]
+            # cond branches may not return their inputs: hand back a copy of the cache.
+            kept = [g.call_method("clone", (s,)) for s in st]
+            return [*outs, *kept, g.call_method("new_ones", (st[0], ()), {"dtype": torch.bool})]
+
+        compute_gm = _branch(site_module, build_compute, len(inputs), n_out, f"{site.name}_compute")
+        reuse_gm = _branch(None, build_reuse, len(inputs), n_out, f"{site.name}_reuse")
+        gm.add_submodule(f"{site.name}_compute", compute_gm)
+        gm.add_submodule(f"{site.name}_reuse", reuse_gm)
+
+        with graph.inserting_before(call):
+            pred = graph.call_function(operator.and_, (allow, valid_in))
+            if site.gated_by is not None:
+                score, probe_valid = gates[site.gated_by]
+                passes = graph.call_function(ops.below, (score, site.threshold))
+                gate = graph.call_function(operator.and_, (passes, probe_valid))
+                pred = graph.call_function(operator.and_, (pred, gate))
+            pred._rename(f"{site.name}_reuse_pred")
+            true_fn = graph.get_attr(f"{site.name}_reuse")
+            false_fn = graph.get_attr(f"{site.name}_compute")
+            cond = graph.call_function(
+                torch.ops.higher_order.cond, (pred, true_fn, false_fn, (*inputs, *cache_nodes))
+            )
+            cond._rename(f"{site.name}_cond")
+            cond.meta["nn_module_stack"] = dict(call.meta.get("nn_module_stack") or {})
+            cond.meta[META_KEY] = site.label
+            results = _outputs_of(graph, cond, 2 * n_out + 1)
+        for item, new in zip(getitems, results[:n_out]):
+            new.meta = dict(item.meta)
+            item.replace_all_uses_with(new)
+            graph.erase_node(item)
+        graph.erase_node(call)
+        for i in range(n_out):
+            new_state[f"cache__{site.name}__{i}"] = results[n_out + i]
+        new_state[valid_spec.name] = results[2 * n_out]
+        signal_out.append(pred)
+        layout.signals.append(f"signal__{site.name}__reused")
+
+        if site.gated_by is not None and site.gated_by in probe_state:
+            # A probe keeps the residual of the last *full* step, so its score measures the
+            # drift since the cache was filled, not since the previous (cached) step.
+            with graph.inserting_before(results[-1].next):
+                for name, old, fresh in probe_state.pop(site.gated_by):
+                    new_state[name] = graph.call_function(ops.blend, (pred, old, fresh))
+
+    for name, entries in probe_state.items():  # a probe nothing is gated by keeps its latest value
+        for state_name, _, fresh in entries:
+            new_state[state_name] = fresh
+
+    layout.states = [spec for spec, _ in states_in]
+    # Controls sit before the state tensors among the inputs.
+    for ctrl in controls:
+        first_state = states_in[0][1]
+        first_state.prepend(ctrl)
+    output_node.args = (tuple(user_outputs) + tuple(new_state[s.name] for s in layout.states) + tuple(signal_out),)
+    gm.meta[META_KEY] = layout
+    graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,7 @@
+"""Caching policies: what to reuse, where, and when."""
+
+from .base import Policy, SitePlan, StepContext, policy_dataclass
+from .first_block import FirstBlockCache
+from .static import FORA, NoCache
+
+__all__ = ["FORA", "FirstBlockCache", "NoCache", "Policy", "SitePlan", "StepContext", "policy_dataclass"]

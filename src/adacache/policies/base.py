@@ -1,0 +1,153 @@
+"""The policy interface: what a caching method tells the compiler and the runtime.
+
+A policy answers three questions, each at its own time:
+
+1. *Plan* (compile time, once per captured graph): which regions become cache *sites*,
+   at which granularity (whole blocks, or the attention / feed-forward calls inside
+   them), how a cached value is reused (the residual a block added, Δ-DiT style, or the
+   region's raw output), and which sites are gated by an in-graph score (FirstBlockCache's
+   probe, AdaCorrection's offset score).
+2. *Schedule* (run time, before each step): for each site, whether reuse is allowed at
+   this step at all (FORA's static interval, warm-up steps). This is a host-side bool fed
+   to the graph as a 0-d tensor, so it never causes a re-trace.
+3. *Decide* (inside the graph): the final reuse predicate combines the schedule, the
+   cache's validity and the site's score; the block only runs when the predicate is false.
+
+Methods that keep several tensors per site (TaylorSeer's finite differences) extend the
+reuse forms; methods that act on the whole trajectory (Z-Cache) extend the runtime's
+sampling loop. Policies are frozen dataclasses validated at construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from ..errors import PolicyError
+from ..passes.regions import Region
+
+Granularity = Literal["block", "module"]
+ReuseForm = Literal["residual", "output"]
+Role = Literal["cached", "probe"]
+
+
+@dataclass
+class SitePlan:
+    """One place in the graph where a cache decision is made.
+
+    Attributes:
+        name: graph-level identifier (``site_3``); names placeholders and outputs.
+        label: the modules it covers, for humans (``transformer_blocks.1..11``).
+        regions: the consecutive regions (blocks or sub-modules) the site covers.
+        role: ``cached`` sites may be skipped; ``probe`` sites always run and produce the
+            score that gates other sites.
+        reuse: ``residual`` (reuse ``output - input`` added to the current input) or
+            ``output`` (reuse the stale output as it is).
+        gated_by: name of the probe site whose score must pass ``threshold`` for reuse.
+        threshold: the probe score below which reuse is allowed.
+    """
+
+    name: str
+    label: str
+    regions: tuple[Region, ...]
+    role: Role = "cached"
+    reuse: ReuseForm = "residual"
+    gated_by: str | None = None
+    threshold: float | None = None
+    blocks: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where the runtime is in a generation when it asks the policy for a schedule.
+
+    ``step`` counts denoising steps from 0; ``slot`` is the call within a step (pipelines
+    that run classifier-free guidance as two calls per step have slots 0 and 1);
+    ``timestep`` is the model's timestep input when it has one.
+    """
+
+    step: int
+    slot: int = 0
+    timestep: float | None = None
+
+
+def span_label(regions: tuple[Region, ...] | list[Region]) -> str:
+    """``transformer_blocks.1..11`` for a run of blocks, the name itself for one."""
+    if len(regions) == 1:
+        return regions[0].name
+    first, last = regions[0].name, regions[-1].name
+    head, _, _ = first.rpartition(".")
+    return f"{first}..{last.rpartition('.')[2]}" if last.startswith(head + ".") else f"{first}..{last}"
+
+
+def policy_dataclass(cls: type) -> type:
+    """Make ``cls`` a frozen dataclass whose constructor rejects unknown fields with ValueError."""
+    cls = dataclass(frozen=True)(cls)
+    original_init = cls.__init__
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+
+    @functools.wraps(original_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise PolicyError(
+                f"{cls.__name__} has no parameter(s) {unknown}; valid parameters: {sorted(names)}"
+            )
+        if len(args) > len(names):
+            raise PolicyError(f"{cls.__name__} takes at most {len(names)} positional parameters, got {len(args)}")
+        original_init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+def check(condition: bool, policy: str, message: str) -> None:
+    """Raise :class:`PolicyError` (a ValueError) naming the policy when ``condition`` fails."""
+    if not condition:
+        raise PolicyError(f"{policy}: {message}")
+
+
+class Policy:
+    """Base of every caching policy. Subclasses are declared with :func:`policy_dataclass`."""
+
+    #: backends that can run the policy's decisions (all graph-level policies run everywhere).
+    backends: ClassVar[tuple[str, ...]] = ("eager", "inductor", "onnx", "tensorrt")
+    granularity: Granularity = "block"
+
+    def plan(self, blocks: list[Region]) -> list[SitePlan]:
+        """Turn the model's eligible blocks into cache sites."""
+        raise NotImplementedError
+
+    def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
+        """Whether ``site`` may reuse its cache at this step (the in-graph checks still apply)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """``FORA(interval=3, warmup=1)``: the policy and its parameters."""
+        params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        return f"{type(self).__name__}({params})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description, recorded in summaries and export manifests."""
+        return {"policy": type(self).__name__, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+
+    # -- helpers for subclasses ---------------------------------------------------------
+    def _units(self, blocks: list[Region]) -> list[tuple[str, Region]]:
+        """The regions to cache at this policy's granularity, with the block each sits in."""
+        if self.granularity == "block":
+            return [(b.name, b) for b in blocks]
+        units = [(b.name, sub) for b in blocks for sub in b.submodules]
+        if not units:
+            raise PolicyError(
+                f"{type(self).__name__}(granularity='module') found no attention or feed-forward "
+                "sub-modules inside the blocks; use granularity='block'"
+            )
+        return units
+
+    def _per_unit_sites(self, blocks: list[Region], reuse: ReuseForm) -> list[SitePlan]:
+        return [
+            SitePlan(name=f"site_{i}", label=region.name, regions=(region,), reuse=reuse, blocks=(block,))
+            for i, (block, region) in enumerate(self._units(blocks))
+        ]

@@ -1,0 +1,60 @@
+"""FirstBlockCache (ParaAttention FBCache / cache-dit DBCache ``Fn``/``Bn``)."""
+
+from __future__ import annotations
+
+from ..errors import PolicyError
+from ..passes.regions import Region
+from .base import Policy, ReuseForm, SitePlan, StepContext, check, policy_dataclass, span_label
+
+
+@policy_dataclass
+class FirstBlockCache(Policy):
+    """The first blocks always run as a probe; their residual's change gates the rest.
+
+    At each step the first ``probe_blocks`` blocks compute. The relative L1 change of their
+    residual against the residual stored at the last full step (``offset_score``) is
+    compared with ``threshold``: below it, the middle blocks are skipped and their cached
+    residual is added to the current stream; the last ``tail_blocks`` blocks always
+    compute (DBCache's ``Bn``). The score is taken per batch item and the batch reuses only
+    when every item passes.
+
+    Args:
+        threshold: relative L1 change below which the middle blocks are reused, in (0, 10].
+        probe_blocks: Fn, the number of leading blocks that always compute (>= 1).
+        tail_blocks: Bn, the number of trailing blocks that always compute (>= 0).
+        warmup: leading steps that always compute.
+        reuse: ``residual`` (default) or ``output``.
+    """
+
+    threshold: float = 0.08
+    probe_blocks: int = 1
+    tail_blocks: int = 0
+    warmup: int = 0
+    reuse: ReuseForm = "residual"
+
+    def __post_init__(self) -> None:
+        name = "FirstBlockCache"
+        check(isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 10, name, f"threshold must be in (0, 10], got {self.threshold!r}")
+        check(isinstance(self.probe_blocks, int) and self.probe_blocks >= 1, name, f"probe_blocks must be an int >= 1, got {self.probe_blocks!r}")
+        check(isinstance(self.tail_blocks, int) and self.tail_blocks >= 0, name, f"tail_blocks must be an int >= 0, got {self.tail_blocks!r}")
+        check(isinstance(self.warmup, int) and self.warmup >= 0, name, f"warmup must be an int >= 0, got {self.warmup!r}")
+        check(self.reuse in ("residual", "output"), name, f"reuse must be 'residual' or 'output', got {self.reuse!r}")
+
+    def plan(self, blocks: list[Region]) -> list[SitePlan]:
+        n = len(blocks)
+        middle = blocks[self.probe_blocks : n - self.tail_blocks]
+        if not middle:
+            raise PolicyError(
+                f"FirstBlockCache(probe_blocks={self.probe_blocks}, tail_blocks={self.tail_blocks}) leaves no block "
+                f"to cache in a model with {n} eligible blocks; lower probe_blocks or tail_blocks"
+            )
+        probe = tuple(blocks[: self.probe_blocks])
+        return [
+            SitePlan(name="site_0", label=span_label(probe), regions=probe, role="probe", reuse="residual",
+                     blocks=tuple(b.name for b in probe)),
+            SitePlan(name="site_1", label=span_label(middle), regions=tuple(middle), reuse=self.reuse,
+                     gated_by="site_0", threshold=float(self.threshold), blocks=tuple(b.name for b in middle)),
+        ]
+
+    def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
+        return ctx.step >= self.warmup

@@ -1,0 +1,73 @@
+"""Policies whose reuse schedule is fixed before a step runs: NoCache and FORA."""
+
+from __future__ import annotations
+
+
+from ..passes.regions import Region
+from .base import Granularity, Policy, ReuseForm, SitePlan, StepContext, check, policy_dataclass
+
+
+@policy_dataclass
+class NoCache(Policy):
+    """Instrument every eligible block, never reuse.
+
+    The rewritten graph computes exactly what the original does (bitwise in float64); it
+    exists to measure the cost of the cache machinery itself and as a correctness anchor.
+    """
+
+    granularity: Granularity = "block"
+
+    def __post_init__(self) -> None:
+        check(self.granularity in ("block", "module"), "NoCache", f"granularity must be 'block' or 'module', got {self.granularity!r}")
+
+    def plan(self, blocks: list[Region]) -> list[SitePlan]:
+        return self._per_unit_sites(blocks, "residual" if self.granularity == "block" else "output")
+
+    def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
+        return False
+
+
+@policy_dataclass
+class FORA(Policy):
+    """FORA: compute every block fully once every ``interval`` steps, reuse in between.
+
+    Survey Sec. III-C (Selvaraju et al., 2024). Steps ``0 .. warmup-1`` always compute;
+    after that, step ``s`` computes when ``(s - warmup) % interval == 0``.
+
+    Args:
+        interval: N, the period of full computation (1 = never reuse).
+        warmup: leading steps that always compute.
+        granularity: ``block`` caches whole blocks; ``module`` caches attention and
+            feed-forward outputs and recomputes norms, modulation and residual adds fresh.
+        reuse: ``residual`` (Δ-DiT: reuse ``block(x) - x`` on the current ``x``) or
+            ``output``; default: residual for blocks, output for sub-modules.
+    """
+
+    interval: int = 3
+    warmup: int = 0
+    granularity: Granularity = "block"
+    reuse: ReuseForm | None = None
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.interval, int) and self.interval >= 1, "FORA", f"interval must be an int >= 1, got {self.interval!r}")
+        check(isinstance(self.warmup, int) and self.warmup >= 0, "FORA", f"warmup must be an int >= 0, got {self.warmup!r}")
+        check(self.granularity in ("block", "module"), "FORA", f"granularity must be 'block' or 'module', got {self.granularity!r}")
+        check(self.reuse in (None, "residual", "output"), "FORA", f"reuse must be 'residual' or 'output', got {self.reuse!r}")
+        check(
+            not (self.granularity == "module" and self.reuse == "residual"),
+            "FORA",
+            "granularity='module' caches attention / feed-forward outputs, which have no residual form; use reuse='output'",
+        )
+
+    def plan(self, blocks: list[Region]) -> list[SitePlan]:
+        return self._per_unit_sites(blocks, self.reuse or ("residual" if self.granularity == "block" else "output"))
+
+    def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
+        return is_fora_reuse_step(ctx.step, self.interval, self.warmup)
+
+
+def is_fora_reuse_step(step: int, interval: int, warmup: int) -> bool:
+    """FORA's schedule: True where step ``step`` reuses the cache."""
+    return step >= warmup and (step - warmup) % interval != 0
+
+

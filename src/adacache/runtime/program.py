@@ -1,0 +1,118 @@
+"""A *program*: the model captured on one input signature and rewritten for one policy."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..capture import CapturedGraph, capture
+from ..passes import CacheLayout, Region, find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites
+from ..policies.base import Policy, SitePlan
+
+
+@dataclass
+class Program:
+    """Everything the runtime needs to run one input signature.
+
+    ``graph_module`` is the backend-ready graph; ``portable`` is the same rewritten graph
+    with ``torch.ops.higher_order.cond`` nodes, the form handed to ``torch.compile`` and
+    exporters; ``original`` is the captured graph before rewriting (for ``explain``).
+    """
+
+    captured: CapturedGraph
+    portable: fx.GraphModule
+    graph_module: Any
+    layout: CacheLayout
+    blocks: list[Region]
+    original: fx.GraphModule
+    backend: str
+    _flops: dict[str, int] | None = field(default=None, repr=False)
+
+    @property
+    def cached_sites(self) -> list[SitePlan]:
+        return [s for s in self.layout.sites if s.role == "cached"]
+
+    def initial_state(self, device: torch.device) -> list[torch.Tensor]:
+        """Zero caches marked invalid: the first step of a generation computes everything."""
+        return [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in self.layout.states]
+
+    def site_flops(self) -> dict[str, int]:
+        """FLOPs of one call of each site and of the whole model, counted once on fake tensors."""
+        if self._flops is None:
+            self._flops = _count_flops(self)
+        return self._flops
+
+
+def build_program(
+    model: nn.Module,
+    policy: Policy,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    blocks: Any = None,
+    backend: str = "eager",
+) -> Program:
+    """Capture ``model`` on these inputs, find its blocks, and apply ``policy``'s cache passes."""
+    captured = capture(model, args, kwargs)
+    gm = captured.graph_module
+    found = find_blocks(gm, model, blocks, with_submodules=policy.granularity == "module")
+    # Copy after annotation so the "before" graph shows the blocks that were found.
+    original = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    sites = policy.plan(found)
+    outline_sites(gm, sites)
+    insert_cache_nodes(gm, sites)
+    layout: CacheLayout = gm.meta["adacache"]
+    portable = gm
+    if backend == "eager":
+        runnable: Any = lower_cond_to_python(copy_graph_module(gm))
+    elif backend == "inductor":
+        runnable = torch.compile(gm, backend="inductor", dynamic=False, fullgraph=True)
+    else:
+        raise ValueError(f"unknown backend {backend!r}; use 'eager' or 'inductor' (ONNX / TensorRT go through adacache.export)")
+    return Program(captured, portable, runnable, layout, found, original, backend)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph; submodules and parameters are shared."""
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    return new
+
+
+def _fake_inputs(nodes: list[fx.Node], mode: Any) -> list[Any]:
+    out = []
+    for node in nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            with mode:
+                out.append(torch.empty(val.shape, dtype=val.dtype))
+        else:
+            out.append(val)
+    return out
+
+
+def _count_flops(program: Program) -> dict[str, int]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops: dict[str, int] = {}
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    root = program.portable
+    for site in program.layout.sites:
+        region = site.regions[0]
+        module = root.get_submodule(site.name)
+        inputs = _fake_inputs(region.inputs, mode)
+        counter = FlopCounterMode(display=False)
+        with mode, counter, torch.no_grad():
+            module(*inputs)
+        flops[site.name] = counter.get_total_flops()
+    placeholders = [n for n in program.original.graph.nodes if n.op == "placeholder"]
+    counter = FlopCounterMode(display=False)
+    with mode, counter, torch.no_grad():
+        program.original(*_fake_inputs(placeholders, mode))
+    flops["<model>"] = counter.get_total_flops()
+    return flops

@@ -1,0 +1,135 @@
+"""A session: the per-request cache state, step counter and statistics.
+
+One session serves one generation at a time. It recognises the steps of a denoising
+loop from the model's timestep input:
+
+* the same timestep again is the next *slot* of the same step (pipelines that run
+  classifier-free guidance as two calls per step); each slot keeps its own cache;
+* a timestep that goes back up, or a change of input signature that no slot has seen,
+  starts a new generation;
+* without a timestep input, each call is one step and ``reset()`` starts a new generation.
+
+Sessions are not shared between threads: :class:`~adacache.runtime.module.CachedModule`
+gives each thread its own unless one is entered explicitly with ``adacache.session``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..capture import InputSignature
+from ..errors import SessionError
+from ..policies.base import StepContext
+from .stats import SessionStats, StepRecord
+
+if TYPE_CHECKING:
+    from .module import CachedModule
+    from .program import Program
+
+
+@dataclass
+class SlotState:
+    """The cache of one call slot (for example the unconditional call of a CFG pair)."""
+
+    signature: InputSignature
+    program: "Program"
+    tensors: list[torch.Tensor]
+
+
+@dataclass
+class Session:
+    """Per-request state of a compiled model. Create with ``adacache.session(model)``."""
+
+    owner: "CachedModule"
+    stats: SessionStats = field(default_factory=SessionStats)
+    step: int = -1
+    slot: int = 0
+    last_timestep: float | None = None
+    slots: dict[int, SlotState] = field(default_factory=dict)
+    _thread: int = field(default_factory=threading.get_ident)
+
+    def reset(self) -> None:
+        """Forget every cache and start a new generation at the next call."""
+        if self.step >= 0:
+            self.stats.close_generation()
+        self.slots.clear()
+        self.step = -1
+        self.slot = 0
+        self.last_timestep = None
+
+    # -- stepping ---------------------------------------------------------------------
+    def _advance(self, timestep: float | None) -> None:
+        if timestep is None:
+            self.step += 1
+            self.slot = 0
+        elif self.last_timestep is None or timestep > self.last_timestep:
+            if self.last_timestep is not None:
+                self.reset()
+            self.step, self.slot = 0, 0
+        elif timestep == self.last_timestep:
+            self.slot += 1
+        else:
+            self.step += 1
+            self.slot = 0
+        if self.step == 0 and self.slot == 0:
+            self.stats.generations += 1
+        self.last_timestep = timestep
+
+    # -- one call -----------------------------------------------------------------------
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run one model call: pick the program, feed the caches in, keep the new ones."""
+        if self._thread != threading.get_ident():
+            raise SessionError(
+                "this adacache session belongs to another thread; concurrent requests need one "
+                "session each (enter `with adacache.session(model):` in each thread)"
+            )
+        owner = self.owner
+        program, signature = owner._program_for(args, kwargs, self.stats)
+        self._advance(owner._timestep_of(args, kwargs))
+        flat = program.captured.flatten_inputs(args, kwargs)
+        device = _device_of(flat)
+
+        slot = self.slots.get(self.slot)
+        if slot is None or slot.signature != signature:
+            if slot is not None:
+                # Shapes changed mid-generation: a stale cache must never be reused.
+                self.stats.invalidations += 1
+            slot = SlotState(signature, program, program.initial_state(device))
+            self.slots[self.slot] = slot
+
+        ctx = StepContext(step=self.step, slot=self.slot, timestep=self.last_timestep)
+        policy = owner.policy
+        controls = [
+            owner._flag(policy.allow_reuse(ctx, site), device) for site in program.cached_sites
+        ]
+        outputs = program.graph_module(*flat, *controls, *slot.tensors)
+        layout = program.layout
+        n_user, n_state = layout.num_user_outputs, len(layout.states)
+        slot.tensors = list(outputs[n_user : n_user + n_state])
+        self._record(program, outputs[n_user + n_state :], slot.tensors)
+        return program.captured.unflatten_outputs(outputs[:n_user])
+
+    def _record(self, program: "Program", signals: Any, states: list[torch.Tensor]) -> None:
+        reused, scores = {}, {}
+        for name, value in zip(program.layout.signals, signals):
+            _, site, kind = name.split("__")
+            (reused if kind == "reused" else scores)[site] = value
+        # A site's validity flag after the call is False only when it computed a non-finite
+        # cache (a reuse keeps it True), so it is kept as a tensor and counted when read.
+        valid_after = {spec.site: tensor for spec, tensor in zip(program.layout.states, states) if spec.kind == "valid"}
+        self.stats.record(StepRecord(self.step, self.slot, reused, scores, valid_after))
+
+    def cache_bytes(self) -> int:
+        """Bytes held by this session's caches right now."""
+        return sum(t.numel() * t.element_size() for s in self.slots.values() for t in s.tensors)
+
+
+def _device_of(flat: list[Any]) -> torch.device:
+    for leaf in flat:
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
