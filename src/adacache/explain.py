@@ -17,6 +17,13 @@ from .passes.lower import branch
 _CACHE_OPS = {getattr(ops, name) for name in ("cache_load", "residual_of", "offset_score", "all_finite", "blend", "below")}
 
 
+def _arg_name(node: fx.Node) -> str:
+    """Names that are stable across torch versions: inputs and adacache's own nodes."""
+    if node.op == "placeholder" or node.target in _CACHE_OPS or node.target is operator.and_:
+        return node.name
+    return "_"
+
+
 def _token(node: fx.Node) -> str | None:
     if node.op == "placeholder":
         return f"input {node.name}"
@@ -31,9 +38,9 @@ def _token(node: fx.Node) -> str | None:
         pred, true_fn, false_fn = node.args[:3]
         return f"cond {pred.name} ? {true_fn.target} : {false_fn.target}"
     if node.target in _CACHE_OPS:
-        return f"{node.target.__name__}({', '.join(a.name for a in node.all_input_nodes)})"
+        return f"{node.target.__name__}({', '.join(_arg_name(a) for a in node.all_input_nodes)})"
     if node.target is operator.and_:
-        return f"and({', '.join(a.name for a in node.all_input_nodes)})"
+        return f"and({', '.join(_arg_name(a) for a in node.all_input_nodes)})"
     if node.target is operator.getitem and node.args[0].op == "call_function" and node.args[0].target in (torch.ops.higher_order.cond, branch):
         return None
     return "op"

@@ -141,7 +141,7 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor) -> Tensor:
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
-        c = self.t_embedder(timestep_embedding(timestep, 256)) + self.y_embedder(class_labels)
+        c = self.t_embedder(timestep_embedding(timestep, 256).to(x.dtype)) + self.y_embedder(class_labels)
         for block in self.blocks:
             x = block(x, c)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)

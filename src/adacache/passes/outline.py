@@ -56,7 +56,8 @@ def outline_region(gm: fx.GraphModule, region: Region, name: str) -> fx.Node:
         call.meta["adacache_region"] = region.name
         for idx, out in enumerate(region.outputs):
             item = graph.call_function(operator.getitem, (call, idx))
-            item.meta = dict(out.meta)
+            # The call's results live outside the region: drop the region tag.
+            item.meta = {k: v for k, v in out.meta.items() if k != "adacache_region"}
             out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
     for node in reversed(region.nodes):
         graph.erase_node(node)

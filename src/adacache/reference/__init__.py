@@ -53,7 +53,9 @@ def load_reference_model(
     from diffusers import DiTTransformer2DModel
 
     # torch_dtype at load time (instead of .to(dtype)) is what diffusers recommends for casting.
-    model = DiTTransformer2DModel.from_pretrained(str(path or DIT_DIR), torch_dtype=dtype)
+    model = DiTTransformer2DModel.from_pretrained(
+        str(path or DIT_DIR), torch_dtype=dtype, low_cpu_mem_usage=False  # accelerate is optional
+    )
     return model.to(device=device).eval()
 
 

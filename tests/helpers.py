@@ -1,0 +1,44 @@
+"""Shared test utilities: a denoising loop, and counting how often attention runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The main tensor of a model output (tensor, tuple, or diffusers output dataclass)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.sample
+
+
+def denoise(model: torch.nn.Module, inputs: Callable[[torch.Tensor], dict[str, Any]], steps: int = 8) -> list[torch.Tensor]:
+    """Call ``model`` over a decreasing timestep schedule; return every step's output.
+
+    The inputs do not depend on earlier outputs, so a cached and an uncached run see the
+    same inputs at every step and their outputs can be compared step by step.
+    """
+    outs = []
+    with torch.no_grad():
+        for t in torch.linspace(950, 50, steps):
+            outs.append(output_tensor(model(**inputs(t))).clone())
+    return outs
+
+
+class CountAttention(TorchDispatchMode):
+    """Counts attention kernels executed: one per transformer block (or attention module) run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.__name__ or func.__name__.startswith("_softmax") or func.__name__.startswith("softmax"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -1,0 +1,95 @@
+"""Bad input gets an error that says what was wrong and what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import adacache
+from families import FAMILIES
+
+
+class NoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent Python control flow: not traceable
+            return x * 2
+        return x
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8)])
+        self.gate = Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.blocks[0](x))
+
+
+class NotResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 4), nn.Linear(4, 8)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_model_without_blocks_says_what_was_searched():
+    cached = adacache.compile(NoBlocks(), adacache.FORA())
+    with pytest.raises(adacache.NotEligibleError) as info:
+        cached(torch.randn(2, 8))
+    message = str(info.value)
+    assert "transformer_blocks" in message and "blocks=" in message
+
+
+def test_blocks_whose_outputs_are_not_residual_are_rejected_with_reason():
+    cached = adacache.compile(NotResidual(), adacache.FORA())
+    with pytest.raises(adacache.NotEligibleError, match="not a residual block"):
+        cached(torch.randn(2, 8))
+
+
+def test_capture_failure_keeps_the_diagnostic_and_names_the_module():
+    cached = adacache.compile(Branchy(), adacache.FORA())
+    with pytest.raises(adacache.CaptureError) as info:
+        cached(torch.randn(2, 8))
+    message = str(info.value)
+    assert "submodule 'gate'" in message
+    assert "float32[2, 8]" in message, "the inputs are described"
+    assert info.value.__cause__ is not None, "the exporter's exception is chained"
+
+
+def test_pattern_that_matches_nothing():
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    cached = adacache.compile(model, adacache.FORA(), blocks="decoder.*")
+    with pytest.raises(adacache.NotEligibleError, match="matching 'decoder.\\*'"):
+        cached(**inputs(torch.tensor(10.0)))
+
+
+def test_first_block_cache_needs_blocks_to_cache():
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    cached = adacache.compile(model, adacache.FirstBlockCache(0.1, probe_blocks=3, tail_blocks=1))
+    with pytest.raises(adacache.PolicyError, match="leaves no block"):
+        cached(**inputs(torch.tensor(10.0)))
+
+
+def test_wrong_arguments_to_compile():
+    model, _, _ = FAMILIES["tiny_dit"]()
+    with pytest.raises(TypeError, match="policy must be"):
+        adacache.compile(model, "fora")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="nn.Module"):
+        adacache.compile(lambda x: x, adacache.FORA())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="backend"):
+        adacache.compile(model, adacache.FORA(), backend="tvm")

@@ -1,0 +1,141 @@
+"""Graph-diff tests: what each pass inserts, where, and that nothing else changes."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import fx
+
+import adacache
+from adacache.capture import capture
+from adacache.passes import find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites
+from adacache.passes.lower import branch
+from families import FAMILIES
+
+
+def aten_ops(gm: fx.GraphModule) -> collections.Counter:
+    """Every aten op the graph can execute on its compute path, counted through site
+    modules and the compute branch of every cond (the reuse branch holds no model ops)."""
+    counts: collections.Counter = collections.Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            counts[str(node.target)] += 1
+        elif node.op == "call_module":
+            counts.update(aten_ops(gm.get_submodule(node.target)))
+        elif node.op == "call_function" and node.target in (torch.ops.higher_order.cond, branch):
+            compute = gm.get_submodule(node.args[2].target)
+            counts.update(aten_ops(compute))
+            reuse = gm.get_submodule(node.args[1].target)
+            assert not aten_ops(reuse), "a reuse branch must not run model ops"
+    return counts
+
+
+def _captured(name: str):
+    model, inputs, blocks = FAMILIES[name]()
+    return model, capture(model, (), inputs(torch.tensor(900.0))), blocks
+
+
+def test_find_blocks_tags_exactly_the_block_nodes():
+    model, cap, _ = _captured("tiny_dit")
+    before = [n.name for n in cap.graph_module.graph.nodes]
+    blocks = find_blocks(cap.graph_module, model)
+    assert [b.name for b in blocks] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    assert [n.name for n in cap.graph_module.graph.nodes] == before, "annotation must not change the graph"
+    tagged = [n for n in cap.graph_module.graph.nodes if "adacache_region" in n.meta]
+    assert len(tagged) == sum(len(b.nodes) for b in blocks) == 4 * 41
+    for block in blocks:
+        stream = block.inputs[block.streams[0]]
+        assert tuple(stream.meta["val"].shape) == (2, 16, 64), "the stream is the token sequence"
+        assert block.is_residual
+        assert [s.name.rsplit(".", 1)[1] for s in block.submodules] == ["attn", "mlp"]
+
+
+# The pinned shape of the rewritten graph. A change here is a change of the IR that
+# every backend consumes: update it on purpose, never to make a test pass.
+FORA_TINY_DIT = [
+    "input x", "input timestep", "input class_labels", "input allow__* x4", "input cache__* x8", "ops x21",
+    "and(allow__site_0, cache__site_0__valid)", "cond site_0_reuse_pred ? site_0_reuse : site_0_compute",
+    "and(allow__site_1, cache__site_1__valid)", "cond site_1_reuse_pred ? site_1_reuse : site_1_compute",
+    "and(allow__site_2, cache__site_2__valid)", "cond site_2_reuse_pred ? site_2_reuse : site_2_compute",
+    "and(allow__site_3, cache__site_3__valid)", "cond site_3_reuse_pred ? site_3_reuse : site_3_compute",
+    "ops x15", "output x13",
+]
+FBCACHE_TINY_DIT = [
+    "input x", "input timestep", "input class_labels", "input allow__* x1", "input cache__* x4", "ops x21",
+    "call site_0", "ops x1", "residual_of(_, _)", "offset_score(residual_of, cache__site_0__0)", "all_finite(residual_of)",
+    "and(allow__site_1, cache__site_1__valid)", "below(offset_score)", "and(below, cache__site_0__valid)",
+    "and(and_, and__1)", "cond site_1_reuse_pred ? site_1_reuse : site_1_compute",
+    "blend(site_1_reuse_pred, cache__site_0__0, residual_of)", "blend(site_1_reuse_pred, cache__site_0__valid, all_finite)",
+    "block blocks.3 [41 nodes]", "ops x15", "output x7",
+]
+ORIGINAL_TINY_DIT = [
+    "input x", "input timestep", "input class_labels", "ops x21", "block blocks.0 [41 nodes]", "block blocks.1 [41 nodes]",
+    "block blocks.2 [41 nodes]", "block blocks.3 [41 nodes]", "ops x15", "output x1",
+]
+
+
+@pytest.mark.parametrize(
+    "policy, expected",
+    [(adacache.FORA(interval=2), FORA_TINY_DIT), (adacache.FirstBlockCache(0.1, tail_blocks=1), FBCACHE_TINY_DIT)],
+    ids=["fora", "first_block_cache"],
+)
+def test_rewritten_graph_structure_is_pinned(policy, expected):
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    cached = adacache.compile(model, policy, example_inputs=((), inputs(torch.tensor(900.0))))
+    program = cached.programs[0]
+    assert adacache.graph_structure(program.original) == ORIGINAL_TINY_DIT
+    assert adacache.graph_structure(program.portable) == expected
+    diff = adacache.graph_diff(program.original, program.portable)
+    assert "-block blocks.0 [41 nodes]" in diff and "+input cache__* x" in diff
+    text = adacache.explain(cached)
+    assert "eligible blocks: 4" in text and "graph diff" in text
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("granularity", ["block", "module"])
+def test_cache_nodes_surround_every_eligible_unit_and_nothing_else(name, granularity):
+    model, cap, n_blocks = _captured(name)
+    original_ops = aten_ops(cap.graph_module)
+    gm = cap.graph_module
+    blocks = find_blocks(gm, model, with_submodules=granularity == "module")
+    assert len(blocks) == n_blocks
+    policy = adacache.FORA(interval=2, granularity=granularity)
+    sites = policy.plan(blocks)
+    units = blocks if granularity == "block" else [s for b in blocks for s in b.submodules]
+    assert [s.label for s in sites] == [u.name for u in units]
+    outline_sites(gm, sites)
+    insert_cache_nodes(gm, sites)
+    gm.graph.lint()
+    conds = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == len(units), "one cond per cached unit"
+    for cond, site in zip(conds, sites):
+        assert cond.meta["adacache"] == site.label
+        assert "nn_module_stack" in cond.meta, "inserted nodes carry the module stack"
+    # Every original computation is still there, exactly once, on the compute path.
+    assert aten_ops(gm) == original_ops
+    layout = gm.meta["adacache"]
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders[layout.num_user_inputs :] == layout.controls + [s.name for s in layout.states]
+    n_out = len(gm.graph.output_node().args[0])
+    assert n_out == layout.num_user_outputs + len(layout.states) + len(layout.signals)
+
+
+def test_eager_lowering_swaps_only_the_conds():
+    model, cap, _ = _captured("tiny_dit")
+    gm = cap.graph_module
+    sites = adacache.FORA(interval=2).plan(find_blocks(gm, model))
+    insert_cache_nodes(outline_sites(gm, sites), sites)
+    before = [(n.op, n.target) for n in gm.graph.nodes]
+    lower_cond_to_python(gm)
+    after = [(n.op, n.target) for n in gm.graph.nodes]
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(changed) == 4
+    assert all(a[1] is torch.ops.higher_order.cond and b[1] is branch for a, b in changed)
+
+
+def test_user_block_pattern_overrides_search():
+    model, cap, _ = _captured("tiny_dit")
+    blocks = find_blocks(cap.graph_module, model, pattern="blocks.[12]")
+    assert [b.name for b in blocks] == ["blocks.1", "blocks.2"]

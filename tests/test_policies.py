@@ -1,0 +1,84 @@
+"""Policy validation and the math of the inserted ops, against direct reference code."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import adacache
+from adacache import ops
+from adacache.policies.static import is_fora_reuse_step
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: adacache.FORA(interval=0), "interval"),
+        (lambda: adacache.FORA(interval=-2), "interval"),
+        (lambda: adacache.FORA(warmup=-1), "warmup"),
+        (lambda: adacache.FORA(interval=2.5), "interval"),
+        (lambda: adacache.FORA(granularity="layer"), "granularity"),
+        (lambda: adacache.FORA(granularity="module", reuse="residual"), "no residual form"),
+        (lambda: adacache.FirstBlockCache(threshold=0), "threshold"),
+        (lambda: adacache.FirstBlockCache(threshold=11), "threshold"),
+        (lambda: adacache.FirstBlockCache(threshold=0.1, probe_blocks=0), "probe_blocks"),
+        (lambda: adacache.FirstBlockCache(threshold=0.1, tail_blocks=-1), "tail_blocks"),
+        (lambda: adacache.FORA(intervall=3), "no parameter"),
+        (lambda: adacache.FirstBlockCache(treshold=0.1), "valid parameters"),
+    ],
+)
+def test_invalid_parameters_raise_value_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_policies_are_frozen_and_describe_themselves():
+    policy = adacache.FORA(interval=4, warmup=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.interval = 5  # type: ignore[misc]
+    assert policy.describe() == "FORA(interval=4, warmup=2, granularity='block', reuse=None)"
+    assert policy.to_dict()["policy"] == "FORA"
+
+
+@given(interval=st.integers(1, 9), warmup=st.integers(0, 5), steps=st.integers(1, 60))
+def test_fora_schedule_computes_once_per_interval(interval, warmup, steps):
+    reuse = [is_fora_reuse_step(s, interval, warmup) for s in range(steps)]
+    assert not any(reuse[:warmup]), "warm-up steps always compute"
+    computed_after = [s for s in range(warmup, steps) if not reuse[s]]
+    assert computed_after == list(range(warmup, steps, interval))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    tokens=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_offset_score_matches_direct_formula(batch, tokens, seed, scale):
+    gen = torch.Generator().manual_seed(seed)
+    cached = torch.randn(batch, tokens, 5, generator=gen, dtype=torch.float64) * scale
+    fresh = cached + torch.randn(batch, tokens, 5, generator=gen, dtype=torch.float64) * scale * 0.1
+    got = ops.offset_score(fresh, cached)
+    for b in range(batch):
+        expected = sum(abs(fresh[b] - cached[b]).flatten().tolist()) / sum(abs(cached[b]).flatten().tolist())
+        assert got[b].item() == pytest.approx(expected, rel=1e-5)
+    # The score is scale-free: the same relative change gives the same score.
+    assert torch.allclose(ops.offset_score(fresh * 7, cached * 7), got, rtol=1e-5)
+
+
+def test_below_requires_every_item_and_finite_scores():
+    assert bool(ops.below(torch.tensor([0.01, 0.02]), 0.05))
+    assert not bool(ops.below(torch.tensor([0.01, 0.2]), 0.05)), "one stale item blocks the batch"
+    assert not bool(ops.below(torch.tensor([0.01, float("nan")]), 0.05))
+
+
+def test_cache_load_inverts_residual_of():
+    x, y = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    assert torch.allclose(ops.cache_load(x, ops.residual_of(y, x)), y)
+    assert not bool(ops.all_finite(torch.tensor([1.0, float("inf")])))
+    assert bool(ops.all_finite(torch.ones(3), torch.zeros(2)))
