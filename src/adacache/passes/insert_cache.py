@@ -106,6 +106,11 @@ def _outputs_of(graph: fx.Graph, call: fx.Node, count: int) -> list[fx.Node]:
     return [graph.call_function(operator.getitem, (call, i)) for i in range(count)]
 
 
+def _dense(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
+    """Both branches of a cond must return the same memory layout: make it contiguous."""
+    return [graph.call_method("contiguous", (n,)) for n in nodes]
+
+
 def _fresh_state(graph: fx.Graph, site: SitePlan, region: Region, inputs: list[fx.Node], outs: list[fx.Node]) -> list[fx.Node]:
     """The cache a computed step leaves behind, in the site's reuse form."""
     if site.reuse == "residual":
@@ -184,7 +189,7 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             call_ = g.call_module("site", tuple(ins))
             outs = _outputs_of(g, call_, n_out)
             fresh = _fresh_state(g, site, region, ins, outs)
-            return [*outs, *fresh, g.call_function(ops.all_finite, tuple(fresh))]
+            return [*_dense(g, outs), *_dense(g, fresh), g.call_function(ops.all_finite, tuple(fresh))]
 
         def build_reuse(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], site=site, region=region, n_out=n_out):
             if site.reuse == "residual":
@@ -192,8 +197,8 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             else:
                 outs = [g.call_method("clone", (s,)) for s in st]
             # cond branches may not return their inputs: hand back a copy of the cache.
-            kept = [g.call_method("clone", (s,)) for s in st]
-            return [*outs, *kept, g.call_method("new_ones", (st[0], ()), {"dtype": torch.bool})]
+            kept = [g.call_method("clone", (s,), {"memory_format": torch.contiguous_format}) for s in st]
+            return [*_dense(g, outs), *kept, g.call_method("new_ones", (st[0], ()), {"dtype": torch.bool})]
 
         compute_gm = _branch(site_module, build_compute, len(inputs), n_out, f"{site.name}_compute")
         reuse_gm = _branch(None, build_reuse, len(inputs), n_out, f"{site.name}_reuse")
@@ -208,10 +213,13 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
                 gate = graph.call_function(operator.and_, (passes, probe_valid))
                 pred = graph.call_function(operator.and_, (pred, gate))
             pred._rename(f"{site.name}_reuse_pred")
+            # Dense operands: inductor specialises a cond branch to its inputs' strides, and a
+            # stream that arrives as a transposed view would not match at run time.
+            operands = [graph.call_method("contiguous", (n,)) if tensor_meta(n) is not None else n for n in inputs]
             true_fn = graph.get_attr(f"{site.name}_reuse")
             false_fn = graph.get_attr(f"{site.name}_compute")
             cond = graph.call_function(
-                torch.ops.higher_order.cond, (pred, true_fn, false_fn, (*inputs, *cache_nodes))
+                torch.ops.higher_order.cond, (pred, true_fn, false_fn, (*operands, *cache_nodes))
             )
             cond._rename(f"{site.name}_cond")
             cond.meta["nn_module_stack"] = dict(call.meta.get("nn_module_stack") or {})

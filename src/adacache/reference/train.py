@@ -67,6 +67,7 @@ def train_dit(
     threads: int = 1,
     save_every: int = 500,
     max_shift: int = 0,
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
     """Train the reference DiT with the DiT-paper objective (epsilon MSE, linear betas, CFG label dropout).
 
@@ -83,6 +84,8 @@ def train_dit(
         threads: ``torch.set_num_threads`` value.
         save_every: steps between intermediate checkpoints (so an interrupted run leaves usable weights).
         max_shift: random-shift augmentation in pixels (0 = off).
+        init_from: optional diffusers model directory whose weights start the run (continued training;
+            the optimiser state is not restored).
 
     Returns:
         The training log written to ``out/training_log.json``.
@@ -98,6 +101,11 @@ def train_dit(
     n = images.shape[0]
 
     model = build_dit()
+    if init_from is not None:
+        from diffusers import DiTTransformer2DModel
+
+        src = DiTTransformer2DModel.from_pretrained(str(init_from), low_cpu_mem_usage=False)
+        model.load_state_dict(src.state_dict())
     disable_builtin_label_dropout(model)
     model.train()
     ema = copy.deepcopy(model).eval()
@@ -258,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--init-from", type=Path, default=None, help="continue from these DiT weights")
     ap.add_argument("--evaluate", action="store_true", help="evaluate the DiT in --out instead of training")
     ap.add_argument("--grid", type=Path, default=None, help="with --evaluate: write a 10x10 sample grid PNG")
     args = ap.parse_args(argv)
@@ -278,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         threads=args.threads,
+        init_from=args.init_from,
     )
     print(json.dumps({k: v for k, v in log.items() if k != "loss_curve_every_100"}, indent=2))
 
