@@ -48,6 +48,9 @@ def all_finite(*tensors: Tensor) -> Tensor:
 
 def blend(use_first: Tensor, first: Tensor, second: Tensor) -> Tensor:
     """Select ``first`` where the 0-d bool ``use_first`` holds, else ``second`` (a graph-level if)."""
+    if first.dtype == torch.bool:
+        # ONNX Runtime has no boolean Where kernel: spell it with logic ops.
+        return (use_first & first) | (~use_first & second)
     return torch.where(use_first, first, second)
 
 

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from .. import ops
 from ..policies.base import SitePlan
-from .outline import outline_region
+from .outline import outline_region, region_parameters
 from .regions import Region, build_region, is_compute_node, tensor_meta
 
 META_KEY = "adacache"
@@ -72,6 +72,7 @@ def outline_sites(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphModule:
         if site.reuse == "residual" and not region.is_residual:
             raise AssertionError(f"site {site.label} has outputs without a residual stream")
         site.regions = (region,)
+        site.params = tuple(str(p.target) for p in region_parameters(region))
         outline_region(gm, region, site.name)
     gm.graph.lint()
     gm.recompile()
@@ -94,11 +95,13 @@ class _BranchRoot(nn.Module):
             self.site = site
 
 
-def _branch(site_module: nn.Module | None, build, n_inputs: int, n_state: int, name: str) -> fx.GraphModule:
+def _branch(site_module: nn.Module | None, build, n_inputs: int, n_state: int, n_params: int, name: str) -> fx.GraphModule:
+    """A cond branch: a pure function of (site inputs, cache, parameters)."""
     graph = fx.Graph()
     inputs = [graph.placeholder(f"in_{i}") for i in range(n_inputs)]
     state = [graph.placeholder(f"cache_{i}") for i in range(n_state)]
-    graph.output(tuple(build(graph, inputs, state)))
+    params = [graph.placeholder(f"param_{i}") for i in range(n_params)]
+    graph.output(tuple(build(graph, inputs, state, params)))
     return fx.GraphModule(_BranchRoot(site_module), graph, class_name=name)
 
 
@@ -153,7 +156,8 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
         call = _site_call(gm, site)
         region = site.regions[0]
         n_out = len(region.outputs)
-        inputs = list(call.args)
+        inputs = list(call.args[: len(region.inputs)])
+        params = list(call.args[len(region.inputs) :])
         getitems = sorted(call.users, key=lambda u: u.args[1])
         cache_nodes: list[fx.Node] = []
         for i, item in enumerate(getitems):
@@ -185,13 +189,13 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
         layout.controls.append(allow.name)
         site_module = gm.get_submodule(site.name)
 
-        def build_compute(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], site=site, region=region, n_out=n_out):
-            call_ = g.call_module("site", tuple(ins))
+        def build_compute(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out):
+            call_ = g.call_module("site", (*ins, *ps))
             outs = _outputs_of(g, call_, n_out)
             fresh = _fresh_state(g, site, region, ins, outs)
             return [*_dense(g, outs), *_dense(g, fresh), g.call_function(ops.all_finite, tuple(fresh))]
 
-        def build_reuse(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], site=site, region=region, n_out=n_out):
+        def build_reuse(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out):
             if site.reuse == "residual":
                 outs = [g.call_function(ops.cache_load, (ins[region.streams[i]], st[i])) for i in range(n_out)]
             else:
@@ -200,8 +204,8 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             kept = [g.call_method("clone", (s,), {"memory_format": torch.contiguous_format}) for s in st]
             return [*_dense(g, outs), *kept, g.call_method("new_ones", (st[0], ()), {"dtype": torch.bool})]
 
-        compute_gm = _branch(site_module, build_compute, len(inputs), n_out, f"{site.name}_compute")
-        reuse_gm = _branch(None, build_reuse, len(inputs), n_out, f"{site.name}_reuse")
+        compute_gm = _branch(site_module, build_compute, len(inputs), n_out, len(params), f"{site.name}_compute")
+        reuse_gm = _branch(None, build_reuse, len(inputs), n_out, len(params), f"{site.name}_reuse")
         gm.add_submodule(f"{site.name}_compute", compute_gm)
         gm.add_submodule(f"{site.name}_reuse", reuse_gm)
 
@@ -219,7 +223,7 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             true_fn = graph.get_attr(f"{site.name}_reuse")
             false_fn = graph.get_attr(f"{site.name}_compute")
             cond = graph.call_function(
-                torch.ops.higher_order.cond, (pred, true_fn, false_fn, (*operands, *cache_nodes))
+                torch.ops.higher_order.cond, (pred, true_fn, false_fn, (*operands, *cache_nodes, *params))
             )
             cond._rename(f"{site.name}_cond")
             cond.meta["nn_module_stack"] = dict(call.meta.get("nn_module_stack") or {})

@@ -57,6 +57,8 @@ class SitePlan:
     gated_by: str | None = None
     threshold: float | None = None
     blocks: tuple[str, ...] = field(default_factory=tuple)
+    #: attribute paths of the parameters the site reads (filled in by ``outline_sites``).
+    params: tuple[str, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)

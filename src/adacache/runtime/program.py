@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +106,8 @@ def _count_flops(program: Program) -> dict[str, int]:
     for site in program.layout.sites:
         region = site.regions[0]
         module = root.get_submodule(site.name)
-        inputs = _fake_inputs(region.inputs, mode)
+        params = [operator.attrgetter(target)(root) for target in site.params]
+        inputs = [*_fake_inputs(region.inputs, mode), *params]
         counter = FlopCounterMode(display=False)
         with mode, counter, torch.no_grad():
             module(*inputs)
