@@ -5,33 +5,54 @@
         eps = model(latents, timestep=t, class_labels=y).sample
         ...
     print(adacache.summary(model))
+
+Names are imported lazily, so ``adacache.load`` (the ONNX Runtime loader) works in a
+deployment environment that has onnxruntime and numpy but no torch.
 """
 
-from .api import compile, explain, session, summary
-from .errors import AdaCacheError, CaptureError, NotEligibleError, PolicyError, SessionError
-from .explain import Summary, graph_diff, graph_structure
-from .policies import FORA, FirstBlockCache, NoCache, Policy, StepContext
-from .runtime import CachedModule
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "FORA",
-    "AdaCacheError",
-    "CachedModule",
-    "CaptureError",
-    "FirstBlockCache",
-    "NoCache",
-    "NotEligibleError",
-    "Policy",
-    "PolicyError",
-    "SessionError",
-    "StepContext",
-    "Summary",
-    "compile",
-    "explain",
-    "graph_diff",
-    "graph_structure",
-    "session",
-    "summary",
-]
+_EXPORTS = {
+    "compile": "adacache.api",
+    "explain": "adacache.api",
+    "session": "adacache.api",
+    "summary": "adacache.api",
+    "export": "adacache.api",
+    "load": "adacache.deploy",
+    "AdaCacheError": "adacache.errors",
+    "CaptureError": "adacache.errors",
+    "NotEligibleError": "adacache.errors",
+    "PolicyError": "adacache.errors",
+    "SessionError": "adacache.errors",
+    "ExportError": "adacache.errors",
+    "ArtifactError": "adacache.errors",
+    "Summary": "adacache.report",
+    "graph_diff": "adacache.report",
+    "graph_structure": "adacache.report",
+    "FORA": "adacache.policies",
+    "FirstBlockCache": "adacache.policies",
+    "NoCache": "adacache.policies",
+    "Policy": "adacache.policies",
+    "StepContext": "adacache.policies",
+    "CachedModule": "adacache.runtime",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adacache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .explain import SiteSummary, Summary, graph_diff
+from .report import SiteSummary, Summary, graph_diff
 from .policies.base import Policy
 from .runtime import CachedModule, Session
 

@@ -21,3 +21,11 @@ class PolicyError(AdaCacheError, ValueError):
 
 class SessionError(AdaCacheError):
     """The runtime was driven in a way it cannot serve (wrong inputs, misuse of a session)."""
+
+
+class ExportError(AdaCacheError):
+    """The cached model cannot be exported to the requested backend."""
+
+
+class ArtifactError(AdaCacheError):
+    """An exported artifact is missing, corrupt, incompatible, or fed wrong inputs."""

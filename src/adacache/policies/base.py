@@ -25,6 +25,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from .. import stepping
 from ..errors import PolicyError
 from ..passes.regions import Region
 
@@ -122,9 +123,17 @@ class Policy:
         """Turn the model's eligible blocks into cache sites."""
         raise NotImplementedError
 
+    def schedule(self, site: SitePlan) -> dict[str, Any]:
+        """The host-side reuse schedule of ``site`` as a plain spec (see :mod:`adacache.stepping`).
+
+        Being data, not code, it travels in export manifests, so a deployed engine decides
+        exactly as the eager model does.
+        """
+        raise NotImplementedError
+
     def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
         """Whether ``site`` may reuse its cache at this step (the in-graph checks still apply)."""
-        raise NotImplementedError
+        return stepping.allow_reuse(self.schedule(site), ctx.step)
 
     def describe(self) -> str:
         """``FORA(interval=3, warmup=1)``: the policy and its parameters."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import PolicyError
 from ..passes.regions import Region
-from .base import Policy, ReuseForm, SitePlan, StepContext, check, policy_dataclass, span_label
+from .base import Policy, ReuseForm, SitePlan, check, policy_dataclass, span_label
 
 
 @policy_dataclass
@@ -56,5 +58,5 @@ class FirstBlockCache(Policy):
                      gated_by="site_0", threshold=float(self.threshold), blocks=tuple(b.name for b in middle)),
         ]
 
-    def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
-        return ctx.step >= self.warmup
+    def schedule(self, site: SitePlan) -> dict[str, Any]:
+        return {"kind": "after_warmup", "warmup": self.warmup}

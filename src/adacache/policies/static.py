@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 
+from typing import Any
+
 from ..passes.regions import Region
-from .base import Granularity, Policy, ReuseForm, SitePlan, StepContext, check, policy_dataclass
+from ..stepping import allow_reuse
+from .base import Granularity, Policy, ReuseForm, SitePlan, check, policy_dataclass
 
 
 @policy_dataclass
@@ -23,8 +26,8 @@ class NoCache(Policy):
     def plan(self, blocks: list[Region]) -> list[SitePlan]:
         return self._per_unit_sites(blocks, "residual" if self.granularity == "block" else "output")
 
-    def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
-        return False
+    def schedule(self, site: SitePlan) -> dict[str, Any]:
+        return {"kind": "never"}
 
 
 @policy_dataclass
@@ -62,12 +65,12 @@ class FORA(Policy):
     def plan(self, blocks: list[Region]) -> list[SitePlan]:
         return self._per_unit_sites(blocks, self.reuse or ("residual" if self.granularity == "block" else "output"))
 
-    def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
-        return is_fora_reuse_step(ctx.step, self.interval, self.warmup)
+    def schedule(self, site: SitePlan) -> dict[str, Any]:
+        return {"kind": "interval", "interval": self.interval, "warmup": self.warmup}
 
 
 def is_fora_reuse_step(step: int, interval: int, warmup: int) -> bool:
     """FORA's schedule: True where step ``step`` reuses the cache."""
-    return step >= warmup and (step - warmup) % interval != 0
+    return allow_reuse({"kind": "interval", "interval": interval, "warmup": warmup}, step)
 
 

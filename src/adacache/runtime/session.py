@@ -24,6 +24,7 @@ import torch
 from ..capture import InputSignature
 from ..errors import SessionError
 from ..policies.base import StepContext
+from ..stepping import StepTracker
 from .stats import SessionStats, StepRecord
 
 if TYPE_CHECKING:
@@ -46,38 +47,34 @@ class Session:
 
     owner: "CachedModule"
     stats: SessionStats = field(default_factory=SessionStats)
-    step: int = -1
-    slot: int = 0
-    last_timestep: float | None = None
+    tracker: StepTracker = field(default_factory=StepTracker)
     slots: dict[int, SlotState] = field(default_factory=dict)
     _thread: int = field(default_factory=threading.get_ident)
 
+    @property
+    def step(self) -> int:
+        """Index of the current denoising step in the generation (-1 before the first call)."""
+        return self.tracker.step
+
+    @property
+    def slot(self) -> int:
+        """Index of the current call within the step (CFG as two calls: 0 and 1)."""
+        return self.tracker.slot
+
     def reset(self) -> None:
         """Forget every cache and start a new generation at the next call."""
-        if self.step >= 0:
+        if self.tracker.step >= 0:
             self.stats.close_generation()
         self.slots.clear()
-        self.step = -1
-        self.slot = 0
-        self.last_timestep = None
+        self.tracker.reset()
 
-    # -- stepping ---------------------------------------------------------------------
     def _advance(self, timestep: float | None) -> None:
-        if timestep is None:
-            self.step += 1
-            self.slot = 0
-        elif self.last_timestep is None or timestep > self.last_timestep:
-            if self.last_timestep is not None:
-                self.reset()
-            self.step, self.slot = 0, 0
-        elif timestep == self.last_timestep:
-            self.slot += 1
-        else:
-            self.step += 1
-            self.slot = 0
-        if self.step == 0 and self.slot == 0:
-            self.stats.generations += 1
-        self.last_timestep = timestep
+        previous_generations = self.tracker.generations
+        if self.tracker.advance(timestep) and previous_generations:
+            # A new generation: nothing from the previous one may be reused.
+            self.stats.close_generation()
+            self.slots.clear()
+        self.stats.generations = self.tracker.generations
 
     # -- one call -----------------------------------------------------------------------
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -101,7 +98,7 @@ class Session:
             slot = SlotState(signature, program, program.initial_state(device))
             self.slots[self.slot] = slot
 
-        ctx = StepContext(step=self.step, slot=self.slot, timestep=self.last_timestep)
+        ctx = StepContext(step=self.step, slot=self.slot, timestep=self.tracker.last_timestep)
         policy = owner.policy
         controls = [
             owner._flag(policy.allow_reuse(ctx, site), device) for site in program.cached_sites
