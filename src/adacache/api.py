@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -42,6 +43,38 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
         args, kwargs = example_inputs
         cached.prepare(*args, **kwargs)
     return cached
+
+
+def export(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    format: str = "onnx",  # noqa: A002 - the natural name for users
+    example_inputs: tuple[tuple[Any, ...], dict[str, Any]],
+    precision: str = "fp16",
+    opset: int | None = None,
+) -> Path:
+    """Export a compiled model as a deployable artifact (model file + ``manifest.json``).
+
+    Args:
+        model: a model returned by :func:`adacache.compile`.
+        directory: the artifact folder to write.
+        format: ``"onnx"`` (runs with ``adacache.load`` on ONNX Runtime) or ``"tensorrt"``
+            (builds a TensorRT engine from the ONNX export; needs a CUDA GPU and ``tensorrt``).
+        example_inputs: ``(args, kwargs)`` with the shapes the artifact will serve.
+        precision: TensorRT precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+        opset: ONNX opset (default: the exporter's).
+    """
+    cached = _cached(model)
+    if format == "onnx":
+        from .backends.onnx import export_onnx
+
+        return export_onnx(cached, directory, example_inputs, opset=opset)
+    if format == "tensorrt":
+        from .backends.tensorrt import export_tensorrt
+
+        return export_tensorrt(cached, directory, example_inputs, precision=precision, opset=opset)
+    raise ValueError(f"unknown export format {format!r}; use 'onnx' or 'tensorrt'")
 
 
 def _cached(model: nn.Module) -> CachedModule:

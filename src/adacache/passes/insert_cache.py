@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
 from .. import ops
-from ..policies.base import SitePlan
 from .outline import outline_region, region_parameters
 from .regions import Region, build_region, is_compute_node, tensor_meta
+
+if TYPE_CHECKING:  # policies import passes.regions; only the type is needed here
+    from ..policies.base import SitePlan
 
 META_KEY = "adacache"
 

@@ -56,11 +56,11 @@ def _save_dit(ema: nn.Module, out: Path, log: dict[str, Any]) -> None:
 def train_dit(
     out: Path,
     *,
-    steps: int = 4000,
-    minutes: float = 55.0,
+    steps: int = 8000,
+    minutes: float = 50.0,
     seed: int = 0,
     batch_size: int = 64,
-    lr: float = 5e-4,
+    lr: float = 1e-3,
     warmup: int = 200,
     ema_decay: float = 0.999,
     label_dropout: float = 0.1,
@@ -260,11 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", choices=("dit", "classifier"), default="dit")
-    ap.add_argument("--minutes", type=float, default=55.0, help="wall-clock cap (DiT)")
-    ap.add_argument("--steps", type=int, default=4000, help="optimiser steps (DiT)")
+    ap.add_argument("--minutes", type=float, default=50.0, help="wall-clock cap (DiT)")
+    ap.add_argument("--steps", type=int, default=8000, help="optimiser steps (DiT)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--init-from", type=Path, default=None, help="continue from these DiT weights")
     ap.add_argument("--evaluate", action="store_true", help="evaluate the DiT in --out instead of training")

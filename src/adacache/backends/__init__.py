@@ -1,0 +1,1 @@
+"""Lowering cached graphs to deployment formats: ONNX (ONNX Runtime) and TensorRT."""

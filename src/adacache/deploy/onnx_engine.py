@@ -1,0 +1,174 @@
+"""Run an exported cached model with ONNX Runtime: needs onnxruntime and numpy, not torch.
+
+The cache state stays in preallocated ``OrtValue`` buffers on the execution provider's
+device. Each call binds the current buffers as inputs and the spare ones as outputs
+(IOBinding), then swaps them, so a GPU provider never copies cache state to the host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArtifactError
+from ..stepping import StepTracker, allow_reuse
+from .manifest import read_manifest
+
+_NUMPY_DTYPES = {
+    "float32": np.float32, "float16": np.float16, "float64": np.float64, "bfloat16": None,
+    "int64": np.int64, "int32": np.int32, "bool": np.bool_, "uint8": np.uint8,
+}
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def _np_dtype(name: str) -> Any:
+    dtype = _NUMPY_DTYPES.get(name)
+    if dtype is None:
+        raise ArtifactError(f"dtype {name} is not supported by the ONNX Runtime loader")
+    return dtype
+
+
+def choose_providers(provider: str, available: list[str]) -> list[str]:
+    """The provider list for ``provider`` (``auto``, ``cpu``, ``cuda``, ``tensorrt`` or an ORT name)."""
+    if provider in ("auto", "onnxruntime"):
+        preferred = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        return [*preferred, "CPUExecutionProvider"]
+    name = PROVIDER_ALIASES.get(provider, provider)
+    if name not in available:
+        raise ArtifactError(
+            f"execution provider {name} is not available in this onnxruntime (available: {available}); "
+            "install onnxruntime-gpu for CUDA / TensorRT, or use provider='cpu'"
+        )
+    return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+
+
+class OnnxEngine:
+    """An exported cached model served by ONNX Runtime, with the runtime's step logic.
+
+    Call it with the model's tensor inputs as numpy arrays, by name (``engine(x=..., timestep=...,
+    class_labels=...)``); it returns a dict of output name -> numpy array. Steps, CFG slots and
+    generations are recognised from the timestep input exactly as ``adacache.compile`` does.
+    """
+
+    def __init__(self, directory: str | Path, provider: str = "auto") -> None:
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        providers = choose_providers(provider, ort.get_available_providers())
+        self.session = ort.InferenceSession(str(self.directory / self.manifest["model_file"]), providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self._ort = ort
+        self.tracker = StepTracker()
+        self.inputs = [i for i in self.manifest["inputs"] if i["role"] == "user"]
+        self.outputs = [o for o in self.manifest["outputs"] if o["role"] == "user"]
+        self._slots: dict[int, list[Any]] = {}
+        self._spare: dict[int, list[Any]] = {}
+        self._flags = {v: self._device_value(np.array(v)) for v in (False, True)}
+        self.reused: dict[str, int] = {c["site"]: 0 for c in self.manifest["controls"]}
+        self.calls = 0
+        self._check_model_io()
+
+    # -- setup --------------------------------------------------------------------------
+    def _check_model_io(self) -> None:
+        graph_inputs = [i.name for i in self.session.get_inputs()]
+        expected = [i["name"] for i in self.manifest["inputs"]]
+        if graph_inputs != expected:
+            raise ArtifactError(f"model inputs {graph_inputs} do not match the manifest's {expected}; re-export the artifact")
+
+    def _device_value(self, array: np.ndarray) -> Any:
+        # np.ascontiguousarray would turn a 0-d flag into shape (1,): copy only when needed.
+        dense = array if array.flags.c_contiguous else array.copy(order="C")
+        return self._ort.OrtValue.ortvalue_from_numpy(dense, self.device, 0)
+
+    def _initial_state(self) -> list[Any]:
+        values = []
+        for state in self.manifest["states"]:
+            init = np.zeros(state["shape"], dtype=_np_dtype(state["dtype"]))
+            values.append(self._device_value(init))
+        return values
+
+    def _spare_state(self) -> list[Any]:
+        # Allocated from arrays (not from a shape) so that 0-d flags keep their 0-d shape.
+        return self._initial_state()
+
+    # -- calling ------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the caches; the next call starts a new generation."""
+        self.tracker.reset()
+        self._slots.clear()
+        self._spare.clear()
+
+    def _check_inputs(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+        names = [i["name"] for i in self.inputs]
+        unknown = sorted(set(feeds) - set(names))
+        missing = [n for n in names if n not in feeds]
+        if unknown or missing:
+            raise ArtifactError(f"inputs do not match the artifact: missing {missing}, unknown {unknown}; expected {names}")
+        arrays = {}
+        for spec in self.inputs:
+            value = np.asarray(feeds[spec["name"]])
+            want = _np_dtype(spec["dtype"])
+            if value.dtype != want:
+                raise ArtifactError(f"input '{spec['name']}' has dtype {value.dtype}, the artifact expects {np.dtype(want)}")
+            if list(value.shape) != list(spec["shape"]):
+                raise ArtifactError(
+                    f"input '{spec['name']}' has shape {list(value.shape)}, the artifact was exported for {spec['shape']}; "
+                    "export another artifact for this shape"
+                )
+            arrays[spec["name"]] = value
+        return arrays
+
+    def _timestep(self, arrays: dict[str, np.ndarray]) -> float | None:
+        name = self.manifest.get("timestep_input")
+        if name is None:
+            return None
+        value = arrays[name]
+        return float(value.reshape(-1)[0]) if value.size else None
+
+    def __call__(self, **feeds: Any) -> dict[str, np.ndarray]:
+        arrays = self._check_inputs(feeds)
+        if self.tracker.advance(self._timestep(arrays)):
+            self._slots.clear()
+            self._spare.clear()
+        slot = self.tracker.slot
+        if slot not in self._slots:
+            self._slots[slot] = self._initial_state()
+            self._spare[slot] = self._spare_state()
+        current, spare = self._slots[slot], self._spare[slot]
+
+        binding = self.session.io_binding()
+        for name, array in arrays.items():
+            binding.bind_ortvalue_input(name, self._device_value(array))
+        schedules = self.manifest["schedules"]
+        for control in self.manifest["controls"]:
+            allowed = allow_reuse(schedules[control["site"]], self.tracker.step)
+            binding.bind_ortvalue_input(control["name"], self._flags[allowed])
+        for state, value in zip(self.manifest["states"], current):
+            binding.bind_ortvalue_input(state["name"], value)
+        # Outputs are bound in the graph's output order: get_outputs() returns that order.
+        for out in self.outputs:
+            binding.bind_output(out["name"], self.device)
+        for state, value in zip(self.manifest["states"], spare):
+            binding.bind_ortvalue_output(state["output"], value)
+        for signal in self.manifest["signals"]:
+            binding.bind_output(signal["name"], "cpu")
+        self.session.run_with_iobinding(binding)
+        results = binding.get_outputs()
+        n_user = len(self.outputs)
+        n_state = len(self.manifest["states"])
+        user = {o["name"]: v.numpy() for o, v in zip(self.outputs, results[:n_user])}
+        for signal, value in zip(self.manifest["signals"], results[n_user + n_state :]):
+            if signal["kind"] == "reused" and bool(value.numpy()):
+                self.reused[signal["site"]] += 1
+        self._slots[slot], self._spare[slot] = spare, current
+        self.calls += 1
+        return user

@@ -1,0 +1,109 @@
+"""Run a serialized TensorRT engine with adacache's step logic and ping-pong cache buffers.
+
+Device buffers are torch CUDA tensors (a TensorRT deployment has a CUDA GPU and torch or
+cuda-python anyway); tensor addresses are set per call with ``set_tensor_address``, and the
+input and output cache buffers swap after each call, so cache state never leaves the GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtifactError
+from ..stepping import StepTracker, allow_reuse
+from .manifest import read_manifest
+
+
+class TensorRTEngine:
+    """Same calling convention as :class:`~adacache.deploy.onnx_engine.OnnxEngine`."""
+
+    def __init__(self, directory: str | Path) -> None:
+        try:
+            import tensorrt as trt
+            import torch
+        except ImportError as exc:
+            raise ArtifactError("running a TensorRT engine needs `tensorrt` and torch with CUDA: pip install 'adacache[gpu]'") from exc
+        if not torch.cuda.is_available():
+            raise ArtifactError("this artifact is a TensorRT engine and needs a CUDA GPU; load the ONNX artifact with provider='cpu' instead")
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self._torch = torch
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine((self.directory / self.manifest["model_file"]).read_bytes())
+        if self.engine is None:
+            raise ArtifactError(f"TensorRT could not deserialize {self.manifest['model_file']} (built with another TensorRT version?)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.provider = "TensorRT"
+        self.tracker = StepTracker()
+        self.inputs = [i for i in self.manifest["inputs"] if i["role"] == "user"]
+        self.outputs = [o for o in self.manifest["outputs"] if o["role"] == "user"]
+        self._slots: dict[int, tuple[list[Any], list[Any]]] = {}
+        self._flags = {v: torch.tensor(v, device="cuda") for v in (False, True)}
+        self.reused: dict[str, int] = {c["site"]: 0 for c in self.manifest["controls"]}
+
+    def _dtype(self, name: str) -> Any:
+        return getattr(self._torch, name)
+
+    def _buffers(self) -> list[Any]:
+        return [self._torch.zeros(s["shape"], dtype=self._dtype(s["dtype"]), device="cuda") for s in self.manifest["states"]]
+
+    def reset(self) -> None:
+        self.tracker.reset()
+        self._slots.clear()
+
+    def __call__(self, **feeds: Any) -> dict[str, Any]:
+        torch = self._torch
+        names = [i["name"] for i in self.inputs]
+        if sorted(feeds) != sorted(names):
+            raise ArtifactError(f"inputs do not match the artifact: got {sorted(feeds)}, expected {names}")
+        tensors = {}
+        for spec in self.inputs:
+            value = torch.as_tensor(feeds[spec["name"]]).to("cuda")
+            if list(value.shape) != spec["shape"] or str(value.dtype).replace("torch.", "") != spec["dtype"]:
+                raise ArtifactError(f"input '{spec['name']}' is {value.dtype}{list(value.shape)}, the artifact expects {spec['dtype']}{spec['shape']}")
+            tensors[spec["name"]] = value.contiguous()
+        timestep = self.manifest.get("timestep_input")
+        if self.tracker.advance(float(tensors[timestep].reshape(-1)[0]) if timestep else None):
+            self._slots.clear()
+        slot = self.tracker.slot
+        if slot not in self._slots:
+            self._slots[slot] = (self._buffers(), self._buffers())
+        current, spare = self._slots[slot]
+        ctx = self.context
+        for name, value in tensors.items():
+            ctx.set_tensor_address(name, value.data_ptr())
+        for control in self.manifest["controls"]:
+            allowed = allow_reuse(self.manifest["schedules"][control["site"]], self.tracker.step)
+            ctx.set_tensor_address(control["name"], self._flags[allowed].data_ptr())
+        for state, cur, nxt in zip(self.manifest["states"], current, spare):
+            ctx.set_tensor_address(state["name"], cur.data_ptr())
+            ctx.set_tensor_address(state["output"], nxt.data_ptr())
+        outputs = {}
+        for out in self.outputs:
+            shape = tuple(self.engine.get_tensor_shape(out["name"]))
+            dtype = self._torch_dtype(self.engine.get_tensor_dtype(out["name"]))
+            outputs[out["name"]] = torch.empty(shape, dtype=dtype, device="cuda")
+            ctx.set_tensor_address(out["name"], outputs[out["name"]].data_ptr())
+        signals = {}
+        for signal in self.manifest["signals"]:
+            shape = tuple(self.engine.get_tensor_shape(signal["name"]))
+            dtype = self._torch_dtype(self.engine.get_tensor_dtype(signal["name"]))
+            signals[signal["name"]] = torch.empty(shape, dtype=dtype, device="cuda")
+            ctx.set_tensor_address(signal["name"], signals[signal["name"]].data_ptr())
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise ArtifactError("TensorRT execution failed")
+        self.stream.synchronize()
+        for signal in self.manifest["signals"]:
+            if signal["kind"] == "reused" and bool(signals[signal["name"]]):
+                self.reused[signal["site"]] += 1
+        self._slots[slot] = (spare, current)
+        return {k: v.cpu().numpy() for k, v in outputs.items()}
+
+    def _torch_dtype(self, trt_dtype: Any) -> Any:
+        import tensorrt as trt
+
+        mapping = {trt.float32: self._torch.float32, trt.float16: self._torch.float16, trt.bfloat16: self._torch.bfloat16,
+                   trt.int32: self._torch.int32, trt.int64: self._torch.int64, trt.bool: self._torch.bool}
+        return mapping[trt_dtype]

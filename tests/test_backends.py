@@ -1,0 +1,201 @@
+"""Backends: torch.compile without re-tracing, ONNX export + ONNX Runtime parity, TensorRT checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import adacache
+from adacache.backends.tensorrt import check_tensorrt_compatible
+from adacache.policies import FORA
+from adacache.policies.base import policy_dataclass
+from families import FAMILIES
+from helpers import denoise
+
+STEPS = torch.linspace(950, 50, 50).round()
+
+
+def test_inductor_backend_matches_eager_and_never_recompiles():
+    import torch._dynamo.utils as dynamo_utils
+
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    eager = denoise(adacache.compile(model, FORA(interval=3)), inputs)
+    compiled = adacache.compile(model, FORA(interval=3), backend="inductor")
+    first = denoise(compiled, inputs)  # compiles once, on the first call
+    graphs_after_first = dynamo_utils.counters["stats"]["unique_graphs"]
+    second = denoise(compiled, inputs)  # a second request of the same shapes
+    with compiled.session():
+        denoise(compiled, inputs)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs_after_first, "skipping must not re-trace"
+    for a, b, c in zip(eager, first, second):
+        assert torch.allclose(a, b, atol=1e-4) and torch.equal(b, c)
+    assert adacache.summary(compiled).hit_rate > 0.5
+
+
+@pytest.fixture(scope="module")
+def fora_artifact(tmp_path_factory):
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    cached = adacache.compile(model, FORA(interval=3))
+    path = tmp_path_factory.mktemp("artifact") / "dit-fora"
+    adacache.export(cached, path, example_inputs=((), inputs(STEPS[0])))
+    return path, model, inputs
+
+
+def test_manifest_describes_every_state_and_the_policy(fora_artifact):
+    path, _, _ = fora_artifact
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert sorted(os.listdir(path)) == ["manifest.json", "model.onnx"], "no pickles, nothing executable"
+    assert manifest["policy"] == {"policy": "FORA", "interval": 3, "warmup": 0, "granularity": "block", "reuse": None}
+    assert manifest["schedules"]["site_0"] == {"kind": "interval", "interval": 3, "warmup": 0}
+    assert [s["name"] for s in manifest["states"]] == [f"cache__site_{i}__{k}" for i in range(4) for k in ("0", "valid")]
+    assert manifest["states"][0] == {
+        "name": "cache__site_0__0", "output": "cache__site_0__0__out", "site": "site_0", "kind": "cache",
+        "shape": [2, 16, 64], "dtype": "float32", "initial": "zeros",
+    }
+    assert [i["name"] for i in manifest["inputs"] if i["role"] == "user"] == ["x", "timestep", "class_labels"]
+    assert manifest["timestep_input"] == "timestep"
+    assert manifest["versions"]["torch"] and manifest["versions"]["onnxruntime"]
+
+
+def test_onnx_runtime_matches_eager_over_a_50_step_generation(fora_artifact):
+    path, model, inputs = fora_artifact
+    engine = adacache.load(path, provider="cpu")
+    assert engine.provider == "CPUExecutionProvider"
+    cached = adacache.compile(model, FORA(interval=3))
+    worst = 0.0
+    with torch.no_grad():
+        for t in STEPS:
+            feeds = inputs(t)
+            expected = cached(**feeds).numpy()
+            got = engine(**{k: v.numpy() for k, v in feeds.items()})["output_0"]
+            worst = max(worst, float(np.abs(got - expected).max()))
+    assert worst < 1e-4
+    assert engine.reused == {f"site_{i}": 33 for i in range(4)}, "same skip decisions as eager"
+
+
+def test_onnx_first_block_cache_decisions_match_eager(tmp_path):
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    cached = adacache.compile(model, adacache.FirstBlockCache(1.5))
+    adacache.export(cached, tmp_path / "fbc", example_inputs=((), inputs(STEPS[0])))
+    engine = adacache.load(tmp_path / "fbc", provider="cpu")
+    steps = torch.linspace(950, 50, 8)
+    with torch.no_grad():
+        for t in steps:
+            feeds = inputs(t)
+            expected = cached(**feeds).numpy()
+            got = engine(**{k: v.numpy() for k, v in feeds.items()})["output_0"]
+            assert np.abs(got - expected).max() < 1e-4
+    assert engine.reused["site_1"] == adacache.summary(cached).sites[1].reused > 0
+
+
+def test_loader_needs_no_torch(fora_artifact):
+    path, _, inputs = fora_artifact
+    feeds = {k: v.numpy() for k, v in inputs(STEPS[0]).items()}
+    np.savez(path.parent / "feeds.npz", **feeds)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        import adacache
+        engine = adacache.load({str(path)!r}, provider="cpu")
+        feeds = dict(np.load({str(path.parent / 'feeds.npz')!r}))
+        out = engine(**feeds)["output_0"]
+        assert out.shape == (2, 8, 8, 8), out.shape
+        assert "torch" not in sys.modules, "the loader imported torch"
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_bad_artifacts_and_inputs_get_clear_errors(fora_artifact, tmp_path):
+    path, _, inputs = fora_artifact
+    with pytest.raises(adacache.ArtifactError, match="no artifact folder"):
+        adacache.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(adacache.ArtifactError, match="has no manifest.json"):
+        adacache.load(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(adacache.ArtifactError, match="not valid JSON"):
+        adacache.load(broken)
+    manifest = json.loads((path / "manifest.json").read_text())
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps(dict(manifest, format_version=0)))
+    with pytest.raises(adacache.ArtifactError, match="format version 0"):
+        adacache.load(old)
+
+    engine = adacache.load(path, provider="cpu")
+    feeds = {k: v.numpy() for k, v in inputs(STEPS[0]).items()}
+    with pytest.raises(adacache.ArtifactError, match="input 'x' has shape \\[1, 4, 8, 8\\]"):
+        engine(**dict(feeds, x=feeds["x"][:1]))
+    with pytest.raises(adacache.ArtifactError, match="input 'class_labels' has dtype int32"):
+        engine(**dict(feeds, class_labels=feeds["class_labels"].astype(np.int32)))
+    with pytest.raises(adacache.ArtifactError, match="missing \\['class_labels'\\]"):
+        engine(x=feeds["x"], timestep=feeds["timestep"])
+
+
+@policy_dataclass
+class _EagerOnly(FORA):
+    backends = ("eager", "inductor")
+
+
+def test_policy_a_backend_cannot_express_is_refused_with_alternatives(tmp_path):
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    cached = adacache.compile(model, _EagerOnly(interval=2))
+    with pytest.raises(adacache.ExportError, match="_EagerOnly cannot be exported to onnx.*backend='inductor'"):
+        adacache.export(cached, tmp_path / "x", example_inputs=((), inputs(STEPS[0])))
+
+
+def test_onnx_export_is_tensorrt_compatible(fora_artifact):
+    path, _, _ = fora_artifact
+    assert check_tensorrt_compatible(path / "model.onnx") == []
+
+
+def test_tensorrt_check_reports_what_it_cannot_build(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    then_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y_then"])], "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [2])])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y_else"])], "else", [], [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [2])])
+    nodes = [
+        helper.make_node("If", ["pred"], ["y"], then_branch=then_graph, else_branch=else_graph, name="the_if"),
+        helper.make_node("MyOp", ["y"], ["z"], domain="com.example", name="custom"),
+        helper.make_node("StringNormalizer", ["s"], ["s2"], name="strings"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("pred", TensorProto.FLOAT, [1]), helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch"]),
+         helper.make_tensor_value_info("s", TensorProto.STRING, [1])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2]), helper.make_tensor_value_info("s2", TensorProto.STRING, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
+    onnx.save(model, tmp_path / "bad.onnx")
+    problems = "\n".join(check_tensorrt_compatible(tmp_path / "bad.onnx"))
+    assert "predicate pred must be a 0-D bool, got FLOAT of rank 1" in problems
+    assert "custom domain 'com.example'" in problems
+    assert "StringNormalizer is not in TensorRT's ONNX support list" in problems
+    assert "input x has a dynamic shape" in problems
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_matches_onnx_runtime(tmp_path):  # pragma: no cover - needs a GPU
+    pytest.importorskip("tensorrt", reason="tensorrt is not installed (pip install 'adacache[gpu]')")
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    cached = adacache.compile(model.cuda(), FORA(interval=3))
+    feeds = lambda t: {k: v.cuda() for k, v in inputs(t).items()}  # noqa: E731
+    adacache.export(cached, tmp_path / "trt", format="tensorrt", precision="fp32", example_inputs=((), feeds(STEPS[0])))
+    engine = adacache.load(tmp_path / "trt")
+    with torch.no_grad():
+        for t in STEPS[:10]:
+            expected = cached(**feeds(t)).cpu().numpy()
+            got = engine(**{k: v.cpu().numpy() for k, v in feeds(t).items()})["output_0"]
+            assert np.abs(got - expected).max() < 1e-3
