@@ -40,7 +40,20 @@ class InputSignature:
 
 
 def _leaf_path(path: tuple[Any, ...]) -> str:
-    return pytree.keystr(path).lstrip("[").replace("][", ".").rstrip("]") or "<root>"
+    """``x`` for a keyword input, ``args[0]`` for a positional one, ``cond.text`` nested."""
+    parts: list[str] = []
+    for i, key in enumerate(path):
+        if isinstance(key, pytree.MappingKey):
+            parts.append(str(key.key))
+        elif isinstance(key, pytree.SequenceKey):
+            if i == 0:
+                continue  # the (args, kwargs) pair itself
+            parts.append(f"args[{key.idx}]" if i == 1 and path[0].idx == 0 else f"[{key.idx}]")
+        elif isinstance(key, pytree.GetAttrKey):
+            parts.append(key.name)
+        else:
+            parts.append(str(key))
+    return ".".join(parts).replace(".[", "[") or "<root>"
 
 
 def signature_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> InputSignature:
