@@ -145,6 +145,38 @@ def _flatten_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
+_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+def drop_noops(gm: fx.GraphModule) -> fx.GraphModule:
+    """Remove what inference never needs: export's metadata asserts, eval-mode dropout,
+    and dtype conversions to the dtype a tensor already has. Each costs a dispatcher round
+    trip per step when the graph runs eagerly, and none changes a value."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _ASSERTS and not node.users:
+            graph.erase_node(node)
+            continue
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node):
+            continue
+        if node.target is torch.ops.aten.dropout.default:
+            p, train = node.args[1], node.args[2]
+            if not train or p == 0:
+                node.replace_all_uses_with(source)
+                graph.erase_node(node)
+        elif node.target is torch.ops.aten.to.dtype and not node.kwargs.get("copy", False):
+            before, after = source.meta.get("val"), node.meta.get("val")
+            if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dtype == after.dtype:
+                node.replace_all_uses_with(source)
+                graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
 def capture(
     model: nn.Module,
     args: tuple[Any, ...] = (),
@@ -170,7 +202,7 @@ def capture(
             "Fix: make the failing module traceable (avoid data-dependent Python control flow), "
             "or pass `example_inputs=` that match the way you call the model."
         ) from exc
-    gm = _flatten_graph(exported.module())
+    gm = drop_noops(_flatten_graph(exported.module()))
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     return CapturedGraph(
         graph_module=gm,

@@ -34,6 +34,29 @@ def lower_cond_to_python(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def hoist_attributes(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make every ``get_attr`` of the top-level graph a plain instance attribute.
+
+    FX code reads a nested attribute such as ``blocks.0.attn.qkv.weight`` through a chain of
+    ``nn.Module.__getattr__`` calls on every forward, hundreds per step on a DiT. Bound once
+    into the instance ``__dict__`` under a flat name, each read is a dictionary hit. The
+    tensors and branch modules are the same objects (nothing is copied); for branch modules
+    the bound ``forward`` is stored, skipping ``nn.Module.__call__`` (no hooks are used).
+    """
+    import operator as _operator
+
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "get_attr"):
+        value = _operator.attrgetter(str(node.target))(gm)
+        name = f"_hoisted_{i}"
+        if isinstance(value, fx.GraphModule):
+            value = value.forward
+        object.__setattr__(gm, name, value)  # bypass Module registration: a plain attribute
+        node.target = name
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def raise_python_branch_to_cond(gm: fx.GraphModule) -> fx.GraphModule:
     """The inverse of :func:`lower_cond_to_python`, for handing an eager graph to export."""
     for node in gm.graph.nodes:

@@ -1,0 +1,88 @@
+"""``adacache bench``: the policy matrix, optionally with the anchors, in one command."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+QUICK_POLICIES = ("NoCache()", "FORA(interval=3)", "FirstBlockCache(0.08)")
+FULL_POLICIES = (
+    "NoCache()",
+    "FORA(interval=2)", "FORA(interval=3)", "FORA(interval=4)", "FORA(interval=5)", "FORA(interval=6)",
+    "FORA(interval=2, granularity='module')", "FORA(interval=3, granularity='module')", "FORA(interval=5, granularity='module')",
+    "FirstBlockCache(0.03)", "FirstBlockCache(0.05)", "FirstBlockCache(0.08)", "FirstBlockCache(0.12)", "FirstBlockCache(0.2)",
+    "FirstBlockCache(0.08, tail_blocks=1)",
+)
+
+
+def add_bench_parser(sub: Any) -> None:
+    """Register ``adacache bench`` on the main parser."""
+    p = sub.add_parser(
+        "bench",
+        help="speed and fidelity of policies vs full computation (and vs diffusers / cache-dit with --anchors)",
+        description="Runs policies x settings on the reference model (quality and speed) and on DiT-S/2 / DiT-B/2 "
+        "sized random-weight models (speed only). Writes results.json, results.md and pareto.png. "
+        "--quick takes about 2 minutes on 2 CPU cores; the full matrix about 45 minutes.",
+    )
+    p.add_argument("--quick", action="store_true", help="3 policies, 20 samples, CFG 4.0 only, no speed track")
+    p.add_argument("--anchors", action="store_true", help="also run diffusers' cache hooks and cache-dit on the same weights")
+    p.add_argument("--policies", nargs="*", help="policy expressions (default: the built-in matrix)")
+    p.add_argument("--samples", type=int, help="images scored per setting (default 200, quick 20)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, nargs="*", help="CFG scales (default 4.0 1.5, quick 4.0)")
+    p.add_argument("--repeats", type=int, help="timing repeats, medians reported (default 3, quick 2)")
+    p.add_argument("--speed-models", nargs="*", default=None, help="speed-track models (default dit-s dit-b; none with --quick)")
+    p.add_argument("--out", default="bench-out")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from adacache.policies.parse import parse_policy
+
+    from . import report, tracks
+    from .runner import machine_info
+
+    start = time.perf_counter()
+    policies = [parse_policy(p) for p in (args.policies or (QUICK_POLICIES if args.quick else FULL_POLICIES))]
+    settings = tracks.QualitySettings(
+        samples=args.samples or (20 if args.quick else 200),
+        timing_samples=min(20, args.samples or 20),
+        steps=args.steps,
+        guidance=tuple(args.guidance or ((4.0,) if args.quick else (4.0, 1.5))),
+        repeats=args.repeats or (2 if args.quick else 3),
+    )
+    extra = []
+    if args.anchors:
+        extra = _anchor_variants(quick=args.quick)
+    quality = tracks.quality_track(policies, settings, extra)
+    speed_models = args.speed_models if args.speed_models is not None else ([] if args.quick else ["dit-s", "dit-b"])
+    speed = tracks.speed_track(policies[:3], speed_models, steps=args.steps, repeats=settings.repeats) if speed_models else []
+    info = machine_info()
+    info["elapsed_s"] = round(time.perf_counter() - start, 1)
+    info["settings"] = {"samples": settings.samples, "steps": settings.steps, "guidance": list(settings.guidance), "repeats": settings.repeats}
+    paths = report.write_results(args.out, quality, speed, info)
+    print(report.quality_table(quality))
+    if speed:
+        print(report.speed_table(speed))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())} in {info['elapsed_s']:.0f} s")
+    return 0
+
+
+def _anchor_variants(quick: bool) -> list[Any]:
+    from adacache.reference import load_reference_model
+
+    from . import anchors
+    from .runner import Variant
+
+    variants = []
+    for config in anchors.anchor_sweeps(quick=quick):
+        model = load_reference_model()  # each anchor patches its own copy of the same weights
+        try:
+            run = anchors.apply_anchor(model, config)
+        except anchors.AnchorUnavailable as exc:
+            variants.append(Variant(config.label(), f"{config.system} {config.method}", None, error=f"unavailable: {exc}"))
+            continue
+        variants.append(Variant(config.label(), f"{config.system} {config.method}", run.denoiser,
+                                new_generation=run.new_generation, stats=run.stats))
+    return variants

@@ -1,0 +1,124 @@
+"""Run a matrix of policies on a model: images for fidelity, interleaved timings for speed."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+import adacache
+from adacache.policies.base import Policy
+
+
+@dataclass
+class Variant:
+    """One row of the benchmark: a denoiser to time and score, and how it was made."""
+
+    name: str
+    family: str
+    denoiser: Any
+    policy: Policy | None = None
+    new_generation: Callable[[], None] | None = None
+    stats: Callable[[], dict[str, Any]] | None = None
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    """Every figure measured for one variant at one guidance scale."""
+
+    name: str
+    family: str
+    guidance: float
+    seconds: float | None = None
+    speedup: float | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    perceptual: float | None = None
+    accuracy: float | None = None
+    fd_digits: float | None = None
+    hit_rate: float | None = None
+    flops_skipped: float | None = None
+    flop_bound: float | None = None
+    achieved_over_bound: float | None = None
+    cache_mib: float | None = None
+    note: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "versions": {p: version(p) for p in ("adacache", "torch", "diffusers", "cache-dit", "onnxruntime", "torchmetrics")},
+    }
+
+
+def time_interleaved(
+    run: Callable[[Any], Any],
+    variants: Sequence[Variant],
+    baseline: Variant,
+    repeats: int,
+    progress: Any = None,
+) -> tuple[dict[str, float], float]:
+    """Median wall time of ``run(denoiser)`` per variant, with the baseline timed between
+    variants in every round so drift on a shared machine hits both sides alike."""
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    base: list[float] = []
+    for rep in range(repeats):
+        order = list(variants[rep % max(1, len(variants)) :]) + list(variants[: rep % max(1, len(variants))])
+        for variant in order:
+            if variant.error:
+                continue
+            for target, sink in ((baseline, base), (variant, times[variant.name])):
+                if target.new_generation:
+                    target.new_generation()
+                start = time.perf_counter()
+                run(target.denoiser)
+                sink.append(time.perf_counter() - start)
+            if progress is not None:
+                progress.update(1)
+    medians = {k: statistics.median(v) for k, v in times.items() if v}
+    return medians, statistics.median(base)
+
+
+def policy_variant(model: torch.nn.Module, policy: Policy, name: str | None = None, backend: str = "eager") -> Variant:
+    """A variant for an adacache policy; statistics come from the session of the last run."""
+    cached = adacache.compile(model, policy, backend=backend)
+    return Variant(
+        name=name or policy.describe(),
+        family=f"adacache {type(policy).__name__}",
+        denoiser=cached,
+        policy=policy,
+        new_generation=cached.reset,
+        stats=lambda: _policy_stats(cached),
+    )
+
+
+def _policy_stats(cached: Any) -> dict[str, Any]:
+    summary = adacache.summary(cached)
+    return {
+        "hit_rate": summary.hit_rate,
+        "flops_skipped": summary.flops_skipped,
+        "flop_bound": summary.flop_bound_speedup,
+        "cache_mib": summary.cache_bytes / 2**20,
+    }

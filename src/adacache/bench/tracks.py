@@ -1,0 +1,178 @@
+"""The two benchmark tracks.
+
+* quality track, on the shipped reference model (trained on digits): fidelity against
+  full computation of the same seeds, distribution metrics, and interleaved timings;
+* speed track, on DiT-S/2 and DiT-B/2 sized random-weight models: per-step speed only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import adacache
+from adacache.policies.base import Policy
+
+from .runner import Row, Variant, policy_variant, time_interleaved
+
+
+@dataclass
+class QualitySettings:
+    samples: int = 200          # fixed seeds x classes scored against full computation
+    timing_samples: int = 20    # the batch that is timed
+    steps: int = 50
+    guidance: Sequence[float] = (4.0, 1.5)
+    repeats: int = 3
+
+
+def _progress(total: int, desc: str) -> Any:
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False)
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+
+
+def quality_track(
+    policies: Sequence[Policy],
+    settings: QualitySettings,
+    extra_variants: Sequence[Variant] = (),
+    model: Any = None,
+) -> list[Row]:
+    """Score every policy (and extra variants, e.g. anchors) on the reference model."""
+    from adacache.eval import metrics
+    from adacache.reference import load_reference_model, sample
+
+    model = model if model is not None else load_reference_model()
+    labels = [i % 10 for i in range(settings.samples)]
+    seeds = list(range(settings.samples))
+    timing_labels = labels[: settings.timing_samples]
+    timing_seeds = seeds[: settings.timing_samples]
+    variants = [policy_variant(model, p) for p in policies] + list(extra_variants)
+    baseline = Variant("full computation", "full", model)
+    rows: list[Row] = []
+    for guidance in settings.guidance:
+        def generate(denoiser: Any, labels_: Sequence[int] = labels, seeds_: Sequence[int] = seeds) -> torch.Tensor:
+            with torch.inference_mode():
+                return sample(denoiser, labels_, seeds=seeds_, num_steps=settings.steps, guidance_scale=guidance)
+
+        reference = generate(model)
+        ref_stats = _distribution(reference, labels)
+        rows.append(Row("full computation", "full", guidance, psnr=float("inf"), ssim=1.0, perceptual=0.0, **ref_stats))
+        with _progress(len(variants), f"quality cfg={guidance}") as bar:
+            for variant in variants:
+                if variant.error:
+                    rows.append(Row(variant.name, variant.family, guidance, note=variant.error))
+                    continue
+                try:
+                    images, stats = _generate_with_stats(variant, lambda d: generate(d))
+                except Exception as exc:  # noqa: BLE001 - a failing variant is a row, not a crash
+                    variant.error = f"{type(exc).__name__}: {exc}"[:300]
+                    rows.append(Row(variant.name, variant.family, guidance, note=variant.error))
+                    continue
+                row = Row(variant.name, variant.family, guidance, **_distribution(images, labels))
+                row.psnr = float(metrics.psnr(images, reference).mean())
+                row.ssim = float(metrics.ssim(images, reference).mean())
+                row.perceptual = float(metrics.perceptual_distance(images, reference).mean())
+                row.hit_rate = stats.get("hit_rate")
+                row.flops_skipped = stats.get("flops_skipped")
+                row.flop_bound = stats.get("flop_bound")
+                row.cache_mib = stats.get("cache_mib")
+                row.note = stats.get("workaround")
+                rows.append(row)
+                if bar is not None and hasattr(bar, "update"):
+                    bar.update(1)
+        timed = [v for v in variants if not v.error]
+        with _progress(settings.repeats * len(timed), f"timing cfg={guidance}") as bar:
+            medians, base = time_interleaved(
+                lambda d: generate(d, timing_labels, timing_seeds), timed, baseline, settings.repeats, bar
+            )
+        for row in rows:
+            if row.guidance != guidance:
+                continue
+            if row.family == "full":
+                row.seconds, row.speedup = base, 1.0
+            elif row.name in medians:
+                row.seconds = medians[row.name]
+                row.speedup = base / medians[row.name]
+                if row.flop_bound:
+                    row.achieved_over_bound = row.speedup / row.flop_bound
+    return rows
+
+
+def _generate_with_stats(variant: Variant, generate: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    if variant.policy is not None:
+        # A fresh session, so the statistics are those of this generation alone.
+        with adacache.session(variant.denoiser) as sess:
+            images = generate(variant.denoiser)
+            summary = adacache.summary(variant.denoiser, sess)
+        return images, {
+            "hit_rate": summary.hit_rate,
+            "flops_skipped": summary.flops_skipped,
+            "flop_bound": summary.flop_bound_speedup,
+            "cache_mib": summary.cache_bytes / 2**20,
+        }
+    if variant.new_generation:
+        variant.new_generation()
+    images = generate(variant.denoiser)
+    return images, dict(variant.stats() if variant.stats else {})
+
+
+def _distribution(images: torch.Tensor, labels: Sequence[int]) -> dict[str, float]:
+    from adacache.eval import metrics
+
+    return {
+        "accuracy": float(metrics.class_accuracy(images, torch.tensor(labels))),
+        "fd_digits": float(metrics.fd_digits(images)),
+    }
+
+
+def speed_track(
+    policies: Sequence[Policy],
+    configs: Sequence[str] = ("dit-s", "dit-b"),
+    steps: int = 50,
+    repeats: int = 3,
+    extra: dict[str, Sequence[Variant]] | None = None,
+) -> list[Row]:
+    """Per-step speed of each policy on random-weight DiT-S/2 and DiT-B/2 (32x32x4, batch 2)."""
+    from adacache.cli import load_named_model
+
+    rows: list[Row] = []
+    for config in configs:
+        model, (_, kwargs) = load_named_model(config, batch=2)
+        x0, labels = kwargs["x"], kwargs["class_labels"]
+
+        def generate(denoiser: Any) -> torch.Tensor:
+            x = x0
+            with torch.inference_mode():
+                for t in torch.linspace(999, 0, steps).round():
+                    eps = denoiser(x=x, timestep=t.expand(2), class_labels=labels)
+                    x = x - 0.001 * eps[:, : x.shape[1]]  # a stand-in for the scheduler update
+            return x
+
+        variants = [policy_variant(model, p) for p in policies] + list((extra or {}).get(config, ()))
+        baseline = Variant("original", "full", model)
+        for v in variants:  # capture outside the timing
+            generate(v.denoiser)
+        with _progress(repeats * len(variants), f"speed {config}") as bar:
+            medians, base = time_interleaved(generate, variants, baseline, repeats, bar)
+        rows.append(Row("original", "full", 0.0, seconds=base, speedup=1.0, note=config))
+        for v in variants:
+            row = Row(v.name, v.family, 0.0, seconds=medians.get(v.name), note=config)
+            if row.seconds:
+                row.speedup = base / row.seconds
+            if v.policy is not None:
+                with adacache.session(v.denoiser) as sess:
+                    generate(v.denoiser)
+                    summary = adacache.summary(v.denoiser, sess)
+                row.hit_rate, row.flop_bound = summary.hit_rate, summary.flop_bound_speedup
+                if row.speedup:
+                    row.achieved_over_bound = row.speedup / row.flop_bound
+                row.extra["ms_per_step"] = 1e3 * row.seconds / steps if row.seconds else None
+            rows.append(row)
+    return rows
