@@ -37,6 +37,7 @@ _EXPORTS = {
     "FORA": "adacache.policies",
     "FirstBlockCache": "adacache.policies",
     "NoCache": "adacache.policies",
+    "TaylorSeer": "adacache.policies",
     "Policy": "adacache.policies",
     "StepContext": "adacache.policies",
     "CachedModule": "adacache.runtime",

@@ -65,3 +65,21 @@ def below(score: Tensor, threshold: float) -> Tensor:
     another request reuse a cache that its own signal calls stale.
     """
     return torch.isfinite(score).all() & (score < threshold).all()
+
+
+def taylor_forecast(coef: Tensor, *derivatives: Tensor) -> Tensor:
+    """TaylorSeer's forecast ``sum_i coef[i] * D_i`` (``coef[i] = k**i / i!``, survey Eq. 42)."""
+    out = derivatives[0] * coef[0].to(derivatives[0].dtype)
+    for i, d in enumerate(derivatives[1:], start=1):
+        out = out + d * coef[i].to(d.dtype)
+    return out
+
+
+def taylor_update(update: Tensor, fresh: Tensor, *old: Tensor) -> list[Tensor]:
+    """Refresh finite differences after a full step: ``D_0' = fresh`` and
+    ``D_i' = (D_{i-1}' - D_{i-1}) * update[i]`` (``update[i]`` is ``1/dt``, or 0 for an order
+    the full steps so far cannot estimate yet)."""
+    new = [fresh]
+    for i in range(1, len(old)):
+        new.append((new[i - 1] - old[i - 1]) * update[i].to(fresh.dtype))
+    return new

@@ -69,3 +69,33 @@ class StepTracker:
     def reset(self) -> None:
         """Forget the position: the next call starts a new generation."""
         self.step, self.slot, self.last_timestep = -1, 0, None
+
+
+def forecast_controls(schedule: dict[str, Any], step: int, order: int) -> tuple[list[float], list[float]]:
+    """TaylorSeer's per-step coefficients for a static schedule.
+
+    Returns ``(coef, update)``, each of length ``order + 1``:
+
+    * on a reuse step, the forecast is ``sum_i coef[i] * D_i`` with ``coef[i] = k**i / i!``,
+      ``k`` the steps since the last full computation, for the orders the full steps so far
+      can estimate (``i < number of full steps``), 0 beyond;
+    * on a full step, the finite differences are refreshed as
+      ``D_i' = (D_{i-1}' - D_{i-1}) * update[i]`` with ``update[i] = 1 / dt`` (``dt`` the
+      steps since the previous full computation) where enough full steps exist, 0 beyond.
+    """
+    full_before = [s for s in range(step) if not allow_reuse(schedule, s)]
+    coef = [0.0] * (order + 1)
+    update = [0.0] * (order + 1)
+    coef[0] = update[0] = 1.0
+    if allow_reuse(schedule, step) and full_before:
+        k = step - full_before[-1]
+        available = min(order, len(full_before) - 1)
+        factorial = 1.0
+        for i in range(1, available + 1):
+            factorial *= i
+            coef[i] = k**i / factorial
+    elif full_before:
+        dt = step - full_before[-1]
+        for i in range(1, min(order, len(full_before)) + 1):
+            update[i] = 1.0 / dt
+    return coef, update

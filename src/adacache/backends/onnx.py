@@ -96,7 +96,11 @@ def export_onnx(
     user_tensors = [leaves[i] for i in wrapper.tensor_positions]
     user_names = [user_placeholders[i].name for i in wrapper.tensor_positions]
     device = user_tensors[0].device if user_tensors else torch.device("cpu")
-    controls = [torch.tensor(False, device=device) for _ in layout.controls]
+    order = layout.forecast_order
+    controls = [
+        torch.ones(order + 1, device=device) if name.startswith("forecast__") else torch.tensor(False, device=device)
+        for name in layout.controls
+    ]
     states = program.initial_state(device)
 
     example_out = program.captured.unflatten_outputs(list(range(layout.num_user_outputs)))
@@ -139,7 +143,7 @@ def export_onnx(
         "timestep_input": timestep_input,
         "inputs": [
             *({"name": n, "role": "user", "shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for n, t in zip(user_names, user_tensors)),
-            *({"name": n, "role": "control", "shape": [], "dtype": "bool"} for n in layout.controls),
+            *({"name": n, "role": "control", "shape": list(c.shape), "dtype": _dtype_name(c.dtype)} for n, c in zip(layout.controls, controls)),
             *({"name": s.name, "role": "state", "shape": list(s.shape), "dtype": _dtype_name(s.dtype)} for s in layout.states),
         ],
         "outputs": [
@@ -152,7 +156,11 @@ def export_onnx(
              "shape": list(s.shape), "dtype": _dtype_name(s.dtype), "initial": "zeros" if s.kind == "cache" else "false"}
             for s in layout.states
         ],
-        "controls": [{"name": n, "site": n.split("__", 1)[1]} for n in layout.controls],
+        "controls": [{"name": n, "site": n.split("__", 1)[1]} for n in layout.controls if n.startswith("allow__")],
+        "forecast": (
+            {"order": order, "coef": "forecast__coef", "update": "forecast__update", "schedule_of": program.cached_sites[0].name}
+            if order else None
+        ),
         "signals": [{"name": n, "site": n.split("__")[1], "kind": n.split("__")[2]} for n in layout.signals],
         "sites": [
             {"name": s.name, "label": s.label, "role": s.role, "reuse": s.reuse, "gated_by": s.gated_by, "threshold": s.threshold}

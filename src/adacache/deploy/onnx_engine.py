@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError
-from ..stepping import StepTracker, allow_reuse
+from ..stepping import StepTracker, allow_reuse, forecast_controls
 from .manifest import read_manifest
 
 _NUMPY_DTYPES = {
@@ -149,6 +149,11 @@ class OnnxEngine:
         for name, array in arrays.items():
             binding.bind_ortvalue_input(name, self._device_value(array))
         schedules = self.manifest["schedules"]
+        forecast = self.manifest.get("forecast")
+        if forecast:
+            coef, update = forecast_controls(schedules[forecast["schedule_of"]], self.tracker.step, forecast["order"])
+            binding.bind_ortvalue_input(forecast["coef"], self._device_value(np.asarray(coef, dtype=np.float32)))
+            binding.bind_ortvalue_input(forecast["update"], self._device_value(np.asarray(update, dtype=np.float32)))
         for control in self.manifest["controls"]:
             allowed = allow_reuse(schedules[control["site"]], self.tracker.step)
             binding.bind_ortvalue_input(control["name"], self._flags[allowed])

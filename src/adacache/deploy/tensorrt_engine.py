@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError
-from ..stepping import StepTracker, allow_reuse
+from ..stepping import StepTracker, allow_reuse, forecast_controls
 from .manifest import read_manifest
 
 
@@ -74,6 +74,14 @@ class TensorRTEngine:
         ctx = self.context
         for name, value in tensors.items():
             ctx.set_tensor_address(name, value.data_ptr())
+        forecast = self.manifest.get("forecast")
+        keep_alive = []
+        if forecast:
+            coef, update = forecast_controls(self.manifest["schedules"][forecast["schedule_of"]], self.tracker.step, forecast["order"])
+            for name, values in ((forecast["coef"], coef), (forecast["update"], update)):
+                tensor = torch.tensor(values, dtype=torch.float32, device="cuda")
+                keep_alive.append(tensor)
+                ctx.set_tensor_address(name, tensor.data_ptr())
         for control in self.manifest["controls"]:
             allowed = allow_reuse(self.manifest["schedules"][control["site"]], self.tracker.step)
             ctx.set_tensor_address(control["name"], self._flags[allowed].data_ptr())

@@ -59,6 +59,8 @@ class CacheLayout:
     num_user_outputs: int
     sites: list[SitePlan] = field(default_factory=list)
     controls: list[str] = field(default_factory=list)
+    #: highest Taylor order of any site; > 0 adds the ``forecast__coef`` / ``forecast__update`` controls.
+    forecast_order: int = 0
     states: list[StateSpec] = field(default_factory=list)
     signals: list[str] = field(default_factory=list)
 
@@ -121,7 +123,8 @@ def _fresh_state(graph: fx.Graph, site: SitePlan, region: Region, inputs: list[f
     """The cache a computed step leaves behind, in the site's reuse form."""
     if site.reuse == "residual":
         return [graph.call_function(ops.residual_of, (outs[i], inputs[region.streams[i]])) for i in range(len(outs))]
-    return outs
+    # The cache must not alias the output it came from (cond branches may not return aliases).
+    return [graph.call_method("clone", (o,), {"memory_format": torch.contiguous_format}) for o in outs]
 
 
 def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphModule:
@@ -154,6 +157,12 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
 
     controls: list[fx.Node] = []
     states_in: list[tuple[StateSpec, fx.Node]] = []
+    forecast: list[fx.Node] = []
+    layout.forecast_order = max((s.order for s in sites), default=0)
+    if layout.forecast_order:
+        forecast = [new_placeholder("forecast__coef"), new_placeholder("forecast__update")]
+        controls.extend(forecast)
+        layout.controls.extend(n.name for n in forecast)
 
     for site in sites:
         call = _site_call(gm, site)
@@ -162,13 +171,16 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
         inputs = list(call.args[: len(region.inputs)])
         params = list(call.args[len(region.inputs) :])
         getitems = sorted(call.users, key=lambda u: u.args[1])
-        cache_nodes: list[fx.Node] = []
+        cache_nodes: list[fx.Node] = []  # output-major: D_0..D_order of output 0, then output 1, ...
+        n_terms = site.order + 1
         for i, item in enumerate(getitems):
             val = tensor_meta(item)
-            spec = StateSpec(f"cache__{site.name}__{i}", site.name, tuple(val.shape), val.dtype, "cache")
-            ph = new_placeholder(spec.name)
-            states_in.append((spec, ph))
-            cache_nodes.append(ph)
+            for j in range(n_terms):
+                name = f"cache__{site.name}__{i}" + (f"_d{j}" if j else "")
+                spec = StateSpec(name, site.name, tuple(val.shape), val.dtype, "cache")
+                ph = new_placeholder(spec.name)
+                states_in.append((spec, ph))
+                cache_nodes.append(ph)
         valid_spec = StateSpec(f"cache__{site.name}__valid", site.name, (), torch.bool, "valid")
         valid_in = new_placeholder(valid_spec.name)
         states_in.append((valid_spec, valid_in))
@@ -192,23 +204,36 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
         layout.controls.append(allow.name)
         site_module = gm.get_submodule(site.name)
 
-        def build_compute(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out):
-            call_ = g.call_module("site", (*ins, *ps))
+        def build_compute(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out, n_terms=n_terms):
+            call_ = g.call_module("site", (*ins, *ps[: len(ps) - 2 * bool(site.order)]))
             outs = _outputs_of(g, call_, n_out)
             fresh = _fresh_state(g, site, region, ins, outs)
-            return [*_dense(g, outs), *_dense(g, fresh), g.call_function(ops.all_finite, tuple(fresh))]
+            if site.order:
+                update = ps[-1]
+                terms = []
+                for i in range(n_out):
+                    new = g.call_function(ops.taylor_update, (update, fresh[i], *st[i * n_terms : (i + 1) * n_terms]))
+                    terms += [g.call_function(operator.getitem, (new, j)) for j in range(n_terms)]
+                fresh = terms
+            return [*_dense(g, outs), *_dense(g, fresh), g.call_function(ops.all_finite, tuple(fresh[::n_terms]))]
 
-        def build_reuse(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out):
-            if site.reuse == "residual":
-                outs = [g.call_function(ops.cache_load, (ins[region.streams[i]], st[i])) for i in range(n_out)]
+        def build_reuse(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out, n_terms=n_terms):
+            if site.order:
+                coef = ps[-2]
+                cached = [g.call_function(ops.taylor_forecast, (coef, *st[i * n_terms : (i + 1) * n_terms])) for i in range(n_out)]
             else:
-                outs = [g.call_method("clone", (s,)) for s in st]
+                cached = list(st)
+            if site.reuse == "residual":
+                outs = [g.call_function(ops.cache_load, (ins[region.streams[i]], cached[i])) for i in range(n_out)]
+            else:
+                outs = [g.call_method("clone", (c,)) for c in cached]
             # cond branches may not return their inputs: hand back a copy of the cache.
             kept = [g.call_method("clone", (s,), {"memory_format": torch.contiguous_format}) for s in st]
             return [*_dense(g, outs), *kept, g.call_method("new_ones", (st[0], ()), {"dtype": torch.bool})]
 
-        compute_gm = _branch(site_module, build_compute, len(inputs), n_out, len(params), f"{site.name}_compute")
-        reuse_gm = _branch(None, build_reuse, len(inputs), n_out, len(params), f"{site.name}_reuse")
+        extra = forecast if site.order else []
+        compute_gm = _branch(site_module, build_compute, len(inputs), len(cache_nodes), len(params) + len(extra), f"{site.name}_compute")
+        reuse_gm = _branch(None, build_reuse, len(inputs), len(cache_nodes), len(params) + len(extra), f"{site.name}_reuse")
         gm.add_submodule(f"{site.name}_compute", compute_gm)
         gm.add_submodule(f"{site.name}_reuse", reuse_gm)
 
@@ -226,20 +251,21 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             true_fn = graph.get_attr(f"{site.name}_reuse")
             false_fn = graph.get_attr(f"{site.name}_compute")
             cond = graph.call_function(
-                torch.ops.higher_order.cond, (pred, true_fn, false_fn, (*operands, *cache_nodes, *params))
+                torch.ops.higher_order.cond, (pred, true_fn, false_fn, (*operands, *cache_nodes, *params, *extra))
             )
             cond._rename(f"{site.name}_cond")
             cond.meta["nn_module_stack"] = dict(call.meta.get("nn_module_stack") or {})
             cond.meta[META_KEY] = site.label
-            results = _outputs_of(graph, cond, 2 * n_out + 1)
+            n_state = len(cache_nodes)
+            results = _outputs_of(graph, cond, n_out + n_state + 1)
         for item, new in zip(getitems, results[:n_out]):
             new.meta = dict(item.meta)
             item.replace_all_uses_with(new)
             graph.erase_node(item)
         graph.erase_node(call)
-        for i in range(n_out):
-            new_state[f"cache__{site.name}__{i}"] = results[n_out + i]
-        new_state[valid_spec.name] = results[2 * n_out]
+        for ph, new in zip(cache_nodes, results[n_out : n_out + n_state]):
+            new_state[ph.name] = new
+        new_state[valid_spec.name] = results[n_out + n_state]
         signal_out.append(pred)
         layout.signals.append(f"signal__{site.name}__reused")
 

@@ -3,5 +3,6 @@
 from .base import Policy, SitePlan, StepContext, policy_dataclass
 from .first_block import FirstBlockCache
 from .static import FORA, NoCache
+from .taylorseer import TaylorSeer
 
-__all__ = ["FORA", "FirstBlockCache", "NoCache", "Policy", "SitePlan", "StepContext", "policy_dataclass"]
+__all__ = ["FORA", "FirstBlockCache", "NoCache", "Policy", "SitePlan", "StepContext", "TaylorSeer", "policy_dataclass"]

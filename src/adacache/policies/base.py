@@ -57,6 +57,8 @@ class SitePlan:
     reuse: ReuseForm = "residual"
     gated_by: str | None = None
     threshold: float | None = None
+    #: Taylor order of the forecast on reuse (TaylorSeer); 0 reuses the cached value as is.
+    order: int = 0
     blocks: tuple[str, ...] = field(default_factory=tuple)
     #: attribute paths of the parameters the site reads (filled in by ``outline_sites``).
     params: tuple[str, ...] = field(default_factory=tuple)

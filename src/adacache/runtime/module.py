@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..capture import InputSignature, signature_of
-from ..policies.base import Policy
+from .. import stepping
+from ..policies.base import Policy, StepContext
 from .program import Program, build_program
 from .session import Session
 from .stats import SessionStats
@@ -55,6 +56,7 @@ class CachedModule(nn.Module):
         self._lock = threading.Lock()
         self._local = threading.local()
         self._flags: dict[tuple[bool, torch.device], torch.Tensor] = {}
+        self._forecast: dict[tuple[int, torch.device], list[torch.Tensor]] = {}
         self._timestep_index = _positional_index(model, TIMESTEP_NAMES)
 
     # -- nn.Module behaviour ----------------------------------------------------------
@@ -129,6 +131,21 @@ class CachedModule(nn.Module):
         if isinstance(value, torch.Tensor):
             return float(value.reshape(-1)[0]) if value.numel() else None
         return float(value)
+
+    def _controls(self, program: Program, ctx: StepContext, device: torch.device) -> list[torch.Tensor]:
+        """The host-side inputs of one step, in the layout's order: the forecast coefficients
+        (TaylorSeer), then one reuse-allowed flag per cached site."""
+        controls: list[torch.Tensor] = []
+        sites = program.cached_sites
+        if program.layout.forecast_order:
+            key = (ctx.step, device)
+            cached = self._forecast.get(key)
+            if cached is None:
+                coef, update = stepping.forecast_controls(self.policy.schedule(sites[0]), ctx.step, program.layout.forecast_order)
+                cached = self._forecast[key] = [torch.tensor(coef, device=device), torch.tensor(update, device=device)]
+            controls += cached
+        controls += [self._flag(self.policy.allow_reuse(ctx, site), device) for site in sites]
+        return controls
 
     def _flag(self, value: bool, device: torch.device) -> torch.Tensor:
         """Cached 0-d bool tensors, so a schedule costs no host-to-device copy per step."""

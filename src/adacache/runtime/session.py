@@ -99,10 +99,7 @@ class Session:
             self.slots[self.slot] = slot
 
         ctx = StepContext(step=self.step, slot=self.slot, timestep=self.tracker.last_timestep)
-        policy = owner.policy
-        controls = [
-            owner._flag(policy.allow_reuse(ctx, site), device) for site in program.cached_sites
-        ]
+        controls = owner._controls(program, ctx, device)
         outputs = program.graph_module(*flat, *controls, *slot.tensors)
         layout = program.layout
         n_user, n_state = layout.num_user_outputs, len(layout.states)

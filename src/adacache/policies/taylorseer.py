@@ -1,0 +1,51 @@
+"""TaylorSeer: forecast cached features with a Taylor expansion instead of reusing them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..passes.regions import Region
+from .base import Granularity, Policy, ReuseForm, SitePlan, check, policy_dataclass
+
+
+@policy_dataclass
+class TaylorSeer(Policy):
+    """Cache-then-forecast (Liu et al. 2025; survey Eq. 42).
+
+    Every ``interval`` steps the cached units compute fully and refresh their stored value
+    and its finite differences up to ``order``; in between, each unit's value is forecast as
+    ``F + sum_i D_i k^i / i!`` (``k`` steps since the last full computation) and the unit
+    does not run. Memory: ``order + 1`` tensors per cached output.
+
+    Args:
+        order: m, the Taylor order (0 is plain reuse, i.e. FORA).
+        interval: N, full computation every N steps.
+        warmup: leading steps that always compute (the first differences need them).
+        granularity: ``module`` (attention / feed-forward outputs, default: measured better
+            on the reference model) or ``block`` (block residuals).
+        reuse: ``output`` or ``residual``; default: residual for blocks, output for modules.
+    """
+
+    order: int = 1
+    interval: int = 5
+    warmup: int = 1
+    granularity: Granularity = "module"
+    reuse: ReuseForm | None = None
+
+    def __post_init__(self) -> None:
+        name = "TaylorSeer"
+        check(isinstance(self.order, int) and 0 <= self.order <= 4, name, f"order must be an int in [0, 4], got {self.order!r}")
+        check(isinstance(self.interval, int) and self.interval >= 1, name, f"interval must be an int >= 1, got {self.interval!r}")
+        check(isinstance(self.warmup, int) and self.warmup >= 0, name, f"warmup must be an int >= 0, got {self.warmup!r}")
+        check(self.granularity in ("block", "module"), name, f"granularity must be 'block' or 'module', got {self.granularity!r}")
+        check(self.reuse in (None, "residual", "output"), name, f"reuse must be 'residual' or 'output', got {self.reuse!r}")
+        check(not (self.granularity == "module" and self.reuse == "residual"), name, "module outputs have no residual form; use reuse='output'")
+
+    def plan(self, blocks: list[Region]) -> list[SitePlan]:
+        sites = self._per_unit_sites(blocks, self.reuse or ("residual" if self.granularity == "block" else "output"))
+        for site in sites:
+            site.order = self.order
+        return sites
+
+    def schedule(self, site: SitePlan) -> dict[str, Any]:
+        return {"kind": "interval", "interval": self.interval, "warmup": self.warmup}
