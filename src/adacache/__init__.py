@@ -34,6 +34,7 @@ _EXPORTS = {
     "Summary": "adacache.report",
     "graph_diff": "adacache.report",
     "graph_structure": "adacache.report",
+    "AdaCorrection": "adacache.policies",
     "FORA": "adacache.policies",
     "FirstBlockCache": "adacache.policies",
     "NoCache": "adacache.policies",

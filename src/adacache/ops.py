@@ -83,3 +83,52 @@ def taylor_update(update: Tensor, fresh: Tensor, *old: Tensor) -> list[Tensor]:
     for i in range(1, len(old)):
         new.append((new[i - 1] - old[i - 1]) * update[i].to(fresh.dtype))
     return new
+
+
+def adacorrection_terms(x: Tensor, cached: Tensor) -> tuple[Tensor, Tensor]:
+    """AdaCorrection's offset terms per batch item, normalised by the cached input's scale.
+
+    * temporal (Eq. 1): mean over tokens of ``||x_i - c_i||_2``;
+    * spatial (Eq. 2): mean over tokens of the channel standard deviation of ``x_i``;
+
+    both divided by the mean token norm of the cached input ``c``, so that they are
+    scale-free and the paper's defaults (gamma = 1, lambda = 1) mean the same on any model.
+    Tokens are every dim between the batch and the channel (last) dim.
+    """
+    b, d = x.shape[0], x.shape[-1]
+    xf = x.reshape(b, -1, d).float()
+    cf = cached.reshape(b, -1, d).float()
+    scale = cf.norm(dim=-1).mean(dim=1).clamp_min(_EPS)
+    temporal = (xf - cf).norm(dim=-1).mean(dim=1) / scale
+    spatial = xf.std(dim=-1, unbiased=False).mean(dim=1) / scale
+    return temporal, spatial
+
+
+def adacorrection_score(x: Tensor, cached: Tensor, lam: float) -> Tensor:
+    """Offset score per batch item, ``S = temporal + lam * spatial`` (Eq. 3)."""
+    temporal, spatial = adacorrection_terms(x, cached)
+    return temporal + lam * spatial
+
+
+def correction_weight(score: Tensor, gamma: float) -> Tensor:
+    """``clip(gamma * S, 0, 1)`` (Eq. 6), the batch's worst item: one stale item refreshes the batch."""
+    worst = torch.where(torch.isfinite(score), score, torch.full_like(score, float("inf"))).max()
+    return (gamma * worst).clamp(0.0, 1.0)
+
+
+def correct(weight: Tensor, cached: Tensor, fresh: Tensor) -> Tensor:
+    """Eq. 7: ``(1 - w) * cached + w * fresh``."""
+    w = weight.to(fresh.dtype)
+    return (1 - w) * cached + w * fresh
+
+
+def offset_decision(base: Tensor, valid: Tensor, weight: Tensor, accept: float, veto: float) -> Tensor:
+    """AdaCorrection's reuse predicate: the base's proposal unless the offset vetoes it
+    (``weight >= veto``), or reuse regardless when the offset is tiny (``weight < accept``);
+    never without a valid cache."""
+    return valid & ((base & (weight < veto)) | (weight < accept))
+
+
+def one_like(x: Tensor) -> Tensor:
+    """A tensor of ones shaped like ``x`` (ONNX-friendly ``ones_like``)."""
+    return torch.ones_like(x)

@@ -14,7 +14,13 @@ from . import ops
 from .passes.find_blocks import REGION_META
 from .passes.lower import branch
 
-_CACHE_OPS = {getattr(ops, name) for name in ("cache_load", "residual_of", "offset_score", "all_finite", "blend", "below")}
+_CACHE_OPS = {
+    getattr(ops, name)
+    for name in (
+        "cache_load", "residual_of", "offset_score", "all_finite", "blend", "below", "taylor_forecast",
+        "taylor_update", "adacorrection_score", "correction_weight", "offset_decision", "correct", "one_like",
+    )
+}
 
 
 def _arg_name(node: fx.Node) -> str:

@@ -154,10 +154,16 @@ def anchor_sweeps(quick: bool = False, num_inference_steps: int = DEFAULT_STEPS)
         db = [(1, 0, 0.08)]
         dbt = [(1, 0, 0.12, 1)]
     else:
-        db = [(1, 0, t) for t in (0.04, 0.08, 0.12, 0.2, 0.3)] + [(2, 0, 0.08), (2, 0, 0.12), (1, 1, 0.08), (1, 1, 0.12), (4, 0, 0.12)]
+        db = [(1, 0, t) for t in (0.04, 0.08, 0.12, 0.2, 0.3)]
+        db += [(2, 0, 0.08), (2, 0, 0.12), (1, 1, 0.08), (1, 1, 0.12), (4, 0, 0.12)]
         dbt = [(1, 0, t, 1) for t in (0.08, 0.12, 0.2, 0.3)] + [(1, 0, 0.12, 2)]
+    # warmup = max_warmup_steps, cache-dit's default 8.
     add("cache-dit", "DBCache", [{"Fn": f, "Bn": b, "threshold": t, "warmup": 8, **n} for f, b, t in db])
-    add("cache-dit", "DBCache+TaylorSeer", [{"Fn": f, "Bn": b, "threshold": t, "warmup": 8, "order": o, **n} for f, b, t, o in dbt])
+    add(
+        "cache-dit",
+        "DBCache+TaylorSeer",
+        [{"Fn": f, "Bn": b, "threshold": t, "warmup": 8, "order": o, **n} for f, b, t, o in dbt],
+    )
     return out
 
 
@@ -452,20 +458,28 @@ class AnchorRun:
         self._rows = 0
         self._step = 0
         self._last_t: float | None = None
+        # The timestep of the current call, for anchors that gate on it (see needs_timestep).
         self.current_timestep: float = float(_TRAIN_TIMESTEPS - 1)
+        self.timestep_known = False
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
         if self._removed:
             raise RuntimeError(f"{self.config.label()} was removed from the model; apply it again")
         kwargs = _as_kwargs(args, kwargs)
         x = kwargs.get("hidden_states")
-        t = _timestep_value(kwargs.get("timestep", 0))
-        # Timesteps decrease within a generation, so a rise means a new one started without
-        # new_generation(): reset, so no anchor carries state across generations.
-        if self._last_t is not None and t > self._last_t:
-            self._auto_resets += 1
-            self._start_generation()
-        self.current_timestep = t
+        t_arg = kwargs.get("timestep", 0)
+        t: float | None = None
+        # Reading a GPU timestep is a device sync that would stall the launch queue every step;
+        # do it only for anchors whose decisions need the value (PAB, FasterCache, SeaCache).
+        if self._backend.needs_timestep or not (isinstance(t_arg, torch.Tensor) and t_arg.device.type != "cpu"):
+            t = _timestep_value(t_arg)
+            # Timesteps decrease within a generation, so a rise means a new one started without
+            # new_generation(): reset, so no anchor carries state across generations.
+            if self._last_t is not None and t > self._last_t:
+                self._auto_resets += 1
+                self._start_generation()
+            self.current_timestep = t
+        self.timestep_known = t is not None
         out = self._backend.call(self, kwargs)
         self._calls += 1
         self._rows += int(x.shape[0]) if isinstance(x, torch.Tensor) else 1
@@ -626,6 +640,7 @@ class _Backend:
     """How one anchor is installed, driven, reset and removed."""
 
     workaround: str | None = None
+    needs_timestep = False  # whether the anchor's decisions read the current timestep
 
     def __init__(self, config: AnchorConfig, calibration: Callable[[Callable[..., Any]], Any] | None) -> None:
         self.config = config
@@ -669,6 +684,14 @@ class _DiffusersBackend(_Backend):
     hook_names: tuple[str, ...] = ()
     context_name = "cfg_batch"  # one call per step carries both CFG halves: one context
 
+    def __init__(self, config: AnchorConfig, calibration: Callable[[Callable[..., Any]], Any] | None) -> None:
+        super().__init__(config, calibration)
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        # Bound once: they run around every denoiser call.
+        self._context_cls = CacheContext
+        self._set_context = _set_cache_context
+
     def install(self, run: AnchorRun) -> None:
         self.apply(run)
         self._invalidate(run.model)
@@ -688,23 +711,20 @@ class _DiffusersBackend(_Backend):
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
     def context(self, run: AnchorRun) -> Any:
-        from diffusers.hooks.hooks import CacheContext
-
-        return CacheContext(
+        return self._context_cls(
             self.context_name,
             step_index=run.step_index,
             num_inference_steps=self.params.get("num_inference_steps"),
-            timestep=run.current_timestep,
+            timestep=run.current_timestep if run.timestep_known else None,
         )
 
     def call(self, run: AnchorRun, kwargs: dict[str, Any]) -> Any:
-        from diffusers.hooks.hooks import _set_cache_context
-
-        _set_cache_context(run.model, self.context(run))
+        # What `with model.cache_context(...)` does in diffusers' pipelines.
+        self._set_context(run.model, self.context(run))
         try:
             return run.model(**kwargs)
         finally:
-            _set_cache_context(run.model, None)
+            self._set_context(run.model, None)
 
     def reset(self, run: AnchorRun) -> None:
         from diffusers.hooks import HookRegistry
@@ -777,6 +797,8 @@ class _TaylorSeer(_DiffusersBackend):
 
 
 class _PyramidAttentionBroadcast(_DiffusersBackend):
+    needs_timestep = True  # broadcasts only inside its timestep window
+
     def __init__(self, *a: Any) -> None:
         super().__init__(*a)
         from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
@@ -809,6 +831,7 @@ class _FasterCache(_DiffusersBackend):
     latents), and a scalar timestep is broadcast to the batch so it can be split.
     """
 
+    needs_timestep = True  # its skip windows are timestep ranges
     workaround = (
         "denoiser swaps the CFG halves ([cond; uncond] -> [uncond; cond]) of inputs and output, since "
         "FasterCache assumes the unconditional half first; class_labels added to the inputs it splits "
@@ -956,6 +979,7 @@ class _SeaCache(_DiffusersBackend):
     level exactly.  ``raw_vision_callback`` hands the DiT latents over as ``(C, 1, H, W)``.
     """
 
+    needs_timestep = True  # sigma comes from the timestep
     workaround = (
         "generic SeaCache path: raw_vision_callback returns DiT latents as (C, 1, H, W); sigma in the cache "
         "context is the flow-matching sigma with the DDPM timestep's SNR (linear betas 1e-4..0.02)"
@@ -995,9 +1019,7 @@ class _SeaCache(_DiffusersBackend):
         return math.sqrt(1.0 - a) / (math.sqrt(a) + math.sqrt(1.0 - a))
 
     def context(self, run: AnchorRun) -> Any:
-        from diffusers.hooks.hooks import CacheContext
-
-        return CacheContext(
+        return self._context_cls(
             self.context_name,
             step_index=run.step_index,
             num_inference_steps=self.steps,

@@ -114,6 +114,17 @@ def _outputs_of(graph: fx.Graph, call: fx.Node, count: int) -> list[fx.Node]:
     return [graph.call_function(operator.getitem, (call, i)) for i in range(count)]
 
 
+def _score_index(region: Region) -> int:
+    """Which input of a site its offset score reads: the residual stream, else the first tensor."""
+    if region.streams:
+        return region.streams[0]
+    return next(i for i, n in enumerate(region.inputs) if tensor_meta(n) is not None)
+
+
+def _score_input(region: Region, inputs: list[fx.Node]) -> fx.Node:
+    return inputs[_score_index(region)]
+
+
 def _dense(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
     """Both branches of a cond must return the same memory layout: make it contiguous."""
     return [graph.call_method("contiguous", (n,)) for n in nodes]
@@ -181,6 +192,14 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
                 ph = new_placeholder(spec.name)
                 states_in.append((spec, ph))
                 cache_nodes.append(ph)
+        score_src = _score_input(region, inputs)
+        offset_in: list[fx.Node] = []
+        if site.offset is not None:
+            # AdaCorrection compares the site's input with the input of the last full step.
+            val = tensor_meta(score_src)
+            spec = StateSpec(f"cache__{site.name}__in", site.name, tuple(val.shape), val.dtype, "cache")
+            offset_in = [new_placeholder(spec.name)]
+            states_in.append((spec, offset_in[0]))
         valid_spec = StateSpec(f"cache__{site.name}__valid", site.name, (), torch.bool, "valid")
         valid_in = new_placeholder(valid_spec.name)
         states_in.append((valid_spec, valid_in))
@@ -204,10 +223,23 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
         layout.controls.append(allow.name)
         site_module = gm.get_submodule(site.name)
 
-        def build_compute(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out, n_terms=n_terms):
-            call_ = g.call_module("site", (*ins, *ps[: len(ps) - 2 * bool(site.order)]))
+        n_params = len(params)
+        band = site.offset is not None and site.offset.band
+
+        def build_compute(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out, n_terms=n_terms, n_params=n_params, band=band):
+            call_ = g.call_module("site", (*ins, *ps[:n_params]))
             outs = _outputs_of(g, call_, n_out)
             fresh = _fresh_state(g, site, region, ins, outs)
+            if band:
+                # Eq. 7: blend the fresh output with the (offset-corrected) cache by w.
+                weight = ps[-1]
+                stale = [st[i * n_terms] for i in range(n_out)]
+                if site.reuse == "residual":
+                    stale = [g.call_function(ops.cache_load, (ins[region.streams[i]], c)) for i, c in enumerate(stale)]
+                outs = [g.call_function(ops.correct, (weight, c, o)) for c, o in zip(stale, outs)]
+            kept_in = []
+            if site.offset is not None:
+                kept_in = [g.call_method("clone", (ins[_score_index(region)],), {"memory_format": torch.contiguous_format})]
             if site.order:
                 update = ps[-1]
                 terms = []
@@ -215,14 +247,14 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
                     new = g.call_function(ops.taylor_update, (update, fresh[i], *st[i * n_terms : (i + 1) * n_terms]))
                     terms += [g.call_function(operator.getitem, (new, j)) for j in range(n_terms)]
                 fresh = terms
-            return [*_dense(g, outs), *_dense(g, fresh), g.call_function(ops.all_finite, tuple(fresh[::n_terms]))]
+            return [*_dense(g, outs), *_dense(g, fresh), *kept_in, g.call_function(ops.all_finite, tuple(fresh[::n_terms]))]
 
-        def build_reuse(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out, n_terms=n_terms):
+        def build_reuse(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out, n_terms=n_terms, n_params=n_params):
             if site.order:
-                coef = ps[-2]
+                coef = ps[n_params]
                 cached = [g.call_function(ops.taylor_forecast, (coef, *st[i * n_terms : (i + 1) * n_terms])) for i in range(n_out)]
             else:
-                cached = list(st)
+                cached = st[:n_out]
             if site.reuse == "residual":
                 outs = [g.call_function(ops.cache_load, (ins[region.streams[i]], cached[i])) for i in range(n_out)]
             else:
@@ -231,12 +263,7 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             kept = [g.call_method("clone", (s,), {"memory_format": torch.contiguous_format}) for s in st]
             return [*_dense(g, outs), *kept, g.call_method("new_ones", (st[0], ()), {"dtype": torch.bool})]
 
-        extra = forecast if site.order else []
-        compute_gm = _branch(site_module, build_compute, len(inputs), len(cache_nodes), len(params) + len(extra), f"{site.name}_compute")
-        reuse_gm = _branch(None, build_reuse, len(inputs), len(cache_nodes), len(params) + len(extra), f"{site.name}_reuse")
-        gm.add_submodule(f"{site.name}_compute", compute_gm)
-        gm.add_submodule(f"{site.name}_reuse", reuse_gm)
-
+        state_nodes = [*cache_nodes, *offset_in]
         with graph.inserting_before(call):
             pred = graph.call_function(operator.and_, (allow, valid_in))
             if site.gated_by is not None:
@@ -244,26 +271,43 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
                 passes = graph.call_function(ops.below, (score, site.threshold))
                 gate = graph.call_function(operator.and_, (passes, probe_valid))
                 pred = graph.call_function(operator.and_, (pred, gate))
+            weight_operand: list[fx.Node] = []
+            if site.offset is not None:
+                rule = site.offset
+                offset = graph.call_function(ops.adacorrection_score, (score_src, offset_in[0], rule.lam))
+                weight = graph.call_function(ops.correction_weight, (offset, rule.gamma))
+                pred = graph.call_function(ops.offset_decision, (pred, valid_in, weight, rule.accept, rule.veto))
+                signal_out.append(offset)
+                layout.signals.append(f"signal__{site.name}__score")
+                if rule.band:
+                    weight_operand = [graph.call_function(ops.blend, (valid_in, weight, graph.call_function(ops.one_like, (weight,))))]
             pred._rename(f"{site.name}_reuse_pred")
+        extra = [*(forecast if site.order else []), *weight_operand]
+        compute_gm = _branch(site_module, build_compute, len(inputs), len(state_nodes), len(params) + len(extra), f"{site.name}_compute")
+        reuse_gm = _branch(None, build_reuse, len(inputs), len(state_nodes), len(params) + len(extra), f"{site.name}_reuse")
+        gm.add_submodule(f"{site.name}_compute", compute_gm)
+        gm.add_submodule(f"{site.name}_reuse", reuse_gm)
+
+        with graph.inserting_before(call):
             # Dense operands: inductor specialises a cond branch to its inputs' strides, and a
             # stream that arrives as a transposed view would not match at run time.
             operands = [graph.call_method("contiguous", (n,)) if tensor_meta(n) is not None else n for n in inputs]
             true_fn = graph.get_attr(f"{site.name}_reuse")
             false_fn = graph.get_attr(f"{site.name}_compute")
             cond = graph.call_function(
-                torch.ops.higher_order.cond, (pred, true_fn, false_fn, (*operands, *cache_nodes, *params, *extra))
+                torch.ops.higher_order.cond, (pred, true_fn, false_fn, (*operands, *state_nodes, *params, *extra))
             )
             cond._rename(f"{site.name}_cond")
             cond.meta["nn_module_stack"] = dict(call.meta.get("nn_module_stack") or {})
             cond.meta[META_KEY] = site.label
-            n_state = len(cache_nodes)
+            n_state = len(state_nodes)
             results = _outputs_of(graph, cond, n_out + n_state + 1)
         for item, new in zip(getitems, results[:n_out]):
             new.meta = dict(item.meta)
             item.replace_all_uses_with(new)
             graph.erase_node(item)
         graph.erase_node(call)
-        for ph, new in zip(cache_nodes, results[n_out : n_out + n_state]):
+        for ph, new in zip(state_nodes, results[n_out : n_out + n_state]):
             new_state[ph.name] = new
         new_state[valid_spec.name] = results[n_out + n_state]
         signal_out.append(pred)

@@ -1,8 +1,9 @@
 """Caching policies: what to reuse, where, and when."""
 
+from .adacorrection import AdaCorrection
 from .base import Policy, SitePlan, StepContext, policy_dataclass
 from .first_block import FirstBlockCache
 from .static import FORA, NoCache
 from .taylorseer import TaylorSeer
 
-__all__ = ["FORA", "FirstBlockCache", "NoCache", "Policy", "SitePlan", "StepContext", "TaylorSeer", "policy_dataclass"]
+__all__ = ["AdaCorrection", "FORA", "FirstBlockCache", "NoCache", "Policy", "SitePlan", "StepContext", "TaylorSeer", "policy_dataclass"]

@@ -34,6 +34,22 @@ ReuseForm = Literal["residual", "output"]
 Role = Literal["cached", "probe"]
 
 
+@dataclass(frozen=True)
+class OffsetRule:
+    """AdaCorrection's per-site decision from the offset score of the site's input.
+
+    ``w = clip(gamma * S, 0, 1)``; the site reuses when the base proposes reuse and
+    ``w < veto``, or whatever the base proposes when ``w < accept``. With ``band`` a
+    computed step blends the fresh output with the corrected cache by ``w`` (Eq. 7).
+    """
+
+    gamma: float
+    lam: float
+    accept: float
+    veto: float
+    band: bool
+
+
 @dataclass
 class SitePlan:
     """One place in the graph where a cache decision is made.
@@ -59,6 +75,8 @@ class SitePlan:
     threshold: float | None = None
     #: Taylor order of the forecast on reuse (TaylorSeer); 0 reuses the cached value as is.
     order: int = 0
+    #: AdaCorrection's offset rule, when the site's decision uses its input's offset score.
+    offset: OffsetRule | None = None
     blocks: tuple[str, ...] = field(default_factory=tuple)
     #: attribute paths of the parameters the site reads (filled in by ``outline_sites``).
     params: tuple[str, ...] = field(default_factory=tuple)

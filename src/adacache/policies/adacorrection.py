@@ -1,0 +1,95 @@
+"""AdaCorrection: adaptive offset cache correction on top of a base policy (adacorrection.txt, Sec. IV)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from ..passes.regions import Region
+from .base import OffsetRule, Policy, SitePlan, check, policy_dataclass, span_label
+from .first_block import FirstBlockCache
+
+
+@policy_dataclass
+class AdaCorrection(Policy):
+    """The base proposes, the offset score of each cached unit's input decides.
+
+    Offset Estimation Module (Eqs. 1-3), per cached unit and step, from the unit's *input*
+    (no block compute): ``S = temporal + lam * spatial``, both terms normalised by the mean
+    token norm of the input cached at the last full step (see
+    :func:`adacache.ops.adacorrection_terms`). Adaptive Correction Module: ``w = clip(gamma S,
+    0, 1)`` (Eq. 6). A unit reuses its cache when the base proposes it and ``w < veto``, or
+    whenever ``w < accept``; otherwise it runs, and with ``band=True`` its fresh output is
+    blended with the corrected cache, ``(1 - w) cached + w fresh`` (Eq. 7).
+
+    Unlike Algorithm 1 as printed, which computes every block at every step, a reused
+    unit does not run: that is where the speed comes from.
+
+    Args:
+        base: the policy that proposes reuse (FORA, FirstBlockCache, TaylorSeer, ...). Its
+            spans are split into single units so that each gets its own decision.
+        gamma: sensitivity of the correction weight (paper default 1).
+        lam: weight of the spatial term (paper default 1); ``score="temporal"`` ignores it.
+        score: ``temporal`` (Eq. 1 alone; measured to track the reuse error, see BENCHMARKS.md)
+            or ``paper`` (Eq. 3 with the spatial term).
+        accept: reuse regardless of the base below this weight (0 disables).
+        veto: refuse the base's reuse at or above this weight (1 keeps every proposal).
+        band: blend computed outputs with the corrected cache (Eq. 7).
+    """
+
+    base: Policy = dataclasses.field(default_factory=lambda: FirstBlockCache(0.08))
+    gamma: float = 1.0
+    lam: float = 1.0
+    score: Literal["temporal", "paper"] = "temporal"
+    accept: float = 0.0
+    veto: float = 0.5
+    band: bool = False
+
+    def __post_init__(self) -> None:
+        name = "AdaCorrection"
+        check(isinstance(self.base, Policy) and not isinstance(self.base, AdaCorrection), name, f"base must be a policy other than AdaCorrection, got {self.base!r}")
+        check(isinstance(self.gamma, (int, float)) and self.gamma > 0, name, f"gamma must be > 0, got {self.gamma!r}")
+        check(isinstance(self.lam, (int, float)) and self.lam >= 0, name, f"lam must be >= 0, got {self.lam!r}")
+        check(self.score in ("temporal", "paper"), name, f"score must be 'temporal' or 'paper', got {self.score!r}")
+        check(isinstance(self.accept, (int, float)) and 0 <= self.accept <= 1, name, f"accept must be in [0, 1], got {self.accept!r}")
+        check(isinstance(self.veto, (int, float)) and 0 < self.veto <= 1, name, f"veto must be in (0, 1], got {self.veto!r}")
+        check(self.accept <= self.veto, name, f"accept ({self.accept}) must not exceed veto ({self.veto})")
+        check(isinstance(self.band, bool), name, f"band must be a bool, got {self.band!r}")
+
+    @property
+    def granularity(self) -> str:  # type: ignore[override]
+        return self.base.granularity
+
+    @property
+    def backends(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.base.backends
+
+    def plan(self, blocks: list[Region]) -> list[SitePlan]:
+        rule = OffsetRule(
+            gamma=float(self.gamma),
+            lam=float(self.lam) if self.score == "paper" else 0.0,
+            accept=float(self.accept),
+            veto=float(self.veto),
+            band=bool(self.band),
+        )
+        planned = self.base.plan(blocks)
+        sites: list[SitePlan] = []
+        for site in planned:
+            if site.role != "cached":
+                sites.append(site)
+                continue
+            for region in site.regions:  # one decision per unit
+                sites.append(dataclasses.replace(site, label=span_label([region]), regions=(region,), offset=rule,
+                                                 blocks=(region.name,)))
+        probes = {}
+        for i, site in enumerate(sites):
+            if site.role == "probe":
+                probes[site.name] = f"site_{i}"
+            site.name = f"site_{i}"
+        for site in sites:
+            if site.gated_by is not None:
+                site.gated_by = probes[site.gated_by]
+        return sites
+
+    def schedule(self, site: SitePlan) -> dict[str, Any]:
+        return self.base.schedule(site)
