@@ -39,6 +39,8 @@ _EXPORTS = {
     "FirstBlockCache": "adacache.policies",
     "NoCache": "adacache.policies",
     "TaylorSeer": "adacache.policies",
+    "TeaCache": "adacache.policies",
+    "calibrate": "adacache.calibration",
     "Policy": "adacache.policies",
     "StepContext": "adacache.policies",
     "CachedModule": "adacache.runtime",

@@ -132,3 +132,31 @@ def offset_decision(base: Tensor, valid: Tensor, weight: Tensor, accept: float, 
 def one_like(x: Tensor) -> Tensor:
     """A tensor of ones shaped like ``x`` (ONNX-friendly ``ones_like``)."""
     return torch.ones_like(x)
+
+
+def polyval(coefficients: tuple[float, ...], x: Tensor) -> Tensor:
+    """``numpy.polyval`` (highest degree first), by Horner's rule."""
+    out = torch.zeros_like(x)
+    for c in coefficients:
+        out = out * x + c
+    return out
+
+
+def teacache_gate(probe: Tensor, previous: Tensor, accumulated: Tensor, coefficients: tuple[float, ...], threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """TeaCache (survey Eqs. 22-24) for one step.
+
+    The relative L1 change of the probe (the timestep-modulated input of the first block)
+    since the previous step, rescaled by the fitted polynomial and added to the running
+    sum. Returns ``(passes, accumulated + rescaled, rescaled)``: ``passes`` says the sum is
+    still below ``threshold``, i.e. the cached residual may be reused.
+    """
+    change = offset_score(probe, previous)
+    worst = torch.where(torch.isfinite(change), change, torch.full_like(change, float("inf"))).max()
+    rescaled = polyval(coefficients, worst).clamp_min(0.0)
+    total = accumulated + rescaled
+    return torch.isfinite(total) & (total < threshold), total, rescaled
+
+
+def keep_if(keep: Tensor, value: Tensor) -> Tensor:
+    """``value`` where the 0-d bool ``keep`` holds, else zeros (TeaCache resets its sum on a full step)."""
+    return torch.where(keep, value, torch.zeros_like(value))

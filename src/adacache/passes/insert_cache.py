@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from .. import ops
+from .hoist import hoist_probe
 from .outline import outline_region, region_parameters
 from .regions import Region, build_region, is_compute_node, tensor_meta
 
@@ -71,6 +72,9 @@ def outline_sites(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphModule:
         nodes = [n for region in site.regions for n in region.nodes]
         order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_compute_node(n))}
         nodes.sort(key=order.__getitem__)
+        if site.probe is not None:
+            site.probe = hoist_probe(gm, Region(site.label, site.name, "site", nodes), site.probe)
+            order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_compute_node(n))}
         region = build_region(site.label, site.name, "site", nodes, order)
         if not region.eligible:
             raise AssertionError(f"site {site.label} cannot be outlined: {region.reason}")
@@ -200,6 +204,16 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             spec = StateSpec(f"cache__{site.name}__in", site.name, tuple(val.shape), val.dtype, "cache")
             offset_in = [new_placeholder(spec.name)]
             states_in.append((spec, offset_in[0]))
+        tea: list[fx.Node] = []
+        if site.probe is not None:
+            # TeaCache keeps the previous step's probe and the running sum of its changes.
+            val = tensor_meta(site.probe)
+            for spec in (
+                StateSpec(f"cache__{site.name}__probe", site.name, tuple(val.shape), val.dtype, "cache"),
+                StateSpec(f"cache__{site.name}__acc", site.name, (), torch.float32, "cache"),
+            ):
+                tea.append(new_placeholder(spec.name))
+                states_in.append((spec, tea[-1]))
         valid_spec = StateSpec(f"cache__{site.name}__valid", site.name, (), torch.bool, "valid")
         valid_in = new_placeholder(valid_spec.name)
         states_in.append((valid_spec, valid_in))
@@ -271,6 +285,12 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
                 passes = graph.call_function(ops.below, (score, site.threshold))
                 gate = graph.call_function(operator.and_, (passes, probe_valid))
                 pred = graph.call_function(operator.and_, (pred, gate))
+            if site.probe is not None:
+                gate_out = graph.call_function(ops.teacache_gate, (site.probe, tea[0], tea[1], tuple(site.coefficients), site.threshold))
+                passes, total, rescaled = (graph.call_function(operator.getitem, (gate_out, i)) for i in range(3))
+                pred = graph.call_function(operator.and_, (pred, passes))
+                signal_out.append(rescaled)
+                layout.signals.append(f"signal__{site.name}__score")
             weight_operand: list[fx.Node] = []
             if site.offset is not None:
                 rule = site.offset
@@ -310,6 +330,10 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
         for ph, new in zip(state_nodes, results[n_out : n_out + n_state]):
             new_state[ph.name] = new
         new_state[valid_spec.name] = results[n_out + n_state]
+        if site.probe is not None:
+            with graph.inserting_before(results[-1].next):
+                new_state[tea[0].name] = graph.call_method("clone", (site.probe,), {"memory_format": torch.contiguous_format})
+                new_state[tea[1].name] = graph.call_function(ops.keep_if, (pred, total))
         signal_out.append(pred)
         layout.signals.append(f"signal__{site.name}__reused")
 

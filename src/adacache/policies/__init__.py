@@ -5,5 +5,6 @@ from .base import Policy, SitePlan, StepContext, policy_dataclass
 from .first_block import FirstBlockCache
 from .static import FORA, NoCache
 from .taylorseer import TaylorSeer
+from .teacache import TeaCache
 
-__all__ = ["AdaCorrection", "FORA", "FirstBlockCache", "NoCache", "Policy", "SitePlan", "StepContext", "TaylorSeer", "policy_dataclass"]
+__all__ = ["AdaCorrection", "FORA", "FirstBlockCache", "NoCache", "Policy", "SitePlan", "StepContext", "TaylorSeer", "TeaCache", "policy_dataclass"]

@@ -77,6 +77,10 @@ class SitePlan:
     order: int = 0
     #: AdaCorrection's offset rule, when the site's decision uses its input's offset score.
     offset: OffsetRule | None = None
+    #: TeaCache's gate: the node (inside the site) whose change is accumulated, and the
+    #: rescaling polynomial (highest degree first, numpy.polyval order).
+    probe: Any = None
+    coefficients: tuple[float, ...] = ()
     blocks: tuple[str, ...] = field(default_factory=tuple)
     #: attribute paths of the parameters the site reads (filled in by ``outline_sites``).
     params: tuple[str, ...] = field(default_factory=tuple)

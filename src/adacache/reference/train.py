@@ -68,6 +68,7 @@ def train_dit(
     save_every: int = 500,
     max_shift: int = 0,
     init_from: Path | None = None,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train the reference DiT with the DiT-paper objective (epsilon MSE, linear betas, CFG label dropout).
 
@@ -86,6 +87,8 @@ def train_dit(
         max_shift: random-shift augmentation in pixels (0 = off).
         init_from: optional diffusers model directory whose weights start the run (continued training;
             the optimiser state is not restored).
+        stop_after: stop after this many steps of the ``steps``-long schedule (reproduces a run that
+            ``minutes`` cut short, deterministically).
 
     Returns:
         The training log written to ``out/training_log.json``.
@@ -127,7 +130,7 @@ def train_dit(
     step = 0
     bar = tqdm(range(steps), desc="dit", mininterval=20.0)
     for step in bar:
-        if (time.monotonic() - t_start) > minutes * 60.0:
+        if (time.monotonic() - t_start) > minutes * 60.0 or (stop_after is not None and step >= stop_after):
             stopped_early = True
             break
         # Epoch-wise shuffling without replacement.
@@ -186,7 +189,7 @@ def _make_log(
     return {
         "steps_done": done,
         "steps_planned": planned,
-        "stopped_early_by_time_cap": stopped_early,
+        "stopped_before_planned_steps": stopped_early,
         "train_seconds": round(time.monotonic() - t_start, 1),
         "final_loss_avg200": sum(tail) / len(tail),
         "loss_curve_every_100": [round(sum(losses[i : i + 100]) / len(losses[i : i + 100]), 5) for i in range(0, len(losses), 100)],
@@ -266,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after K steps of the --steps schedule")
     ap.add_argument("--init-from", type=Path, default=None, help="continue from these DiT weights")
     ap.add_argument("--evaluate", action="store_true", help="evaluate the DiT in --out instead of training")
     ap.add_argument("--grid", type=Path, default=None, help="with --evaluate: write a 10x10 sample grid PNG")
@@ -288,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         threads=args.threads,
         init_from=args.init_from,
+        stop_after=args.stop_after,
     )
     print(json.dumps({k: v for k, v in log.items() if k != "loss_curve_every_100"}, indent=2))
 

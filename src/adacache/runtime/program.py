@@ -61,7 +61,7 @@ def build_program(
     """Capture ``model`` on these inputs, find its blocks, and apply ``policy``'s cache passes."""
     captured = capture(model, args, kwargs)
     gm = captured.graph_module
-    found = find_blocks(gm, model, blocks, with_submodules=policy.granularity == "module")
+    found = find_blocks(gm, model, blocks)
     # Copy after annotation so the "before" graph shows the blocks that were found.
     original = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     sites = policy.plan(found)

@@ -1,0 +1,59 @@
+"""TeaCache: reuse while the accumulated, rescaled change of the modulated input stays small."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import PolicyError
+from ..passes.regions import Region
+from .base import Policy, SitePlan, check, policy_dataclass, span_label
+
+
+@policy_dataclass
+class TeaCache(Policy):
+    """TeaCache (Liu et al. 2024; survey Eqs. 22-24).
+
+    At every step the timestep-modulated input of the first block (the input of its first
+    attention) is computed cheaply in front of the blocks; its relative L1 change since the
+    previous step is rescaled by a polynomial and added to a running sum. While the sum
+    stays below ``threshold`` all blocks are skipped and their cached residual is added to
+    the current input; otherwise they run and the sum restarts at 0.
+
+    Args:
+        threshold: δ in Eq. 24.
+        coefficients: the rescaling polynomial, highest degree first (``numpy.polyval``
+            order). The default ``(1.0, 0.0)`` is the identity; fit model-specific ones
+            with :func:`adacache.calibrate`.
+        warmup: leading steps that always compute.
+    """
+
+    threshold: float = 0.1
+    coefficients: tuple[float, ...] = (1.0, 0.0)
+    warmup: int = 1
+
+    def __post_init__(self) -> None:
+        name = "TeaCache"
+        check(isinstance(self.threshold, (int, float)) and self.threshold > 0, name, f"threshold must be > 0, got {self.threshold!r}")
+        check(
+            isinstance(self.coefficients, (tuple, list)) and len(self.coefficients) >= 1
+            and all(isinstance(c, (int, float)) for c in self.coefficients),
+            name, f"coefficients must be a non-empty sequence of numbers, got {self.coefficients!r}",
+        )
+        object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
+        check(isinstance(self.warmup, int) and self.warmup >= 0, name, f"warmup must be an int >= 0, got {self.warmup!r}")
+
+    def plan(self, blocks: list[Region]) -> list[SitePlan]:
+        first = blocks[0]
+        if not first.submodules or not first.submodules[0].inputs:
+            raise PolicyError(
+                f"TeaCache needs the modulated input of the first block ({first.name}), the input of its "
+                "first attention call, and found no attention sub-module there; use FirstBlockCache instead"
+            )
+        attention = first.submodules[0]
+        probe = next(n for n in attention.inputs if n in set(first.nodes))
+        return [SitePlan(name="site_0", label=span_label(blocks), regions=tuple(blocks), reuse="residual",
+                         threshold=float(self.threshold), probe=probe, coefficients=self.coefficients,
+                         blocks=tuple(b.name for b in blocks))]
+
+    def schedule(self, site: SitePlan) -> dict[str, Any]:
+        return {"kind": "after_warmup", "warmup": self.warmup}
