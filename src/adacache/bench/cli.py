@@ -33,6 +33,7 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--guidance", type=float, nargs="*", help="CFG scales (default 4.0 1.5, quick 4.0)")
     p.add_argument("--repeats", type=int, help="timing repeats, medians reported (default 3, quick 2)")
     p.add_argument("--speed-models", nargs="*", default=None, help="speed-track models (default dit-s dit-b; none with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", default="bench-out")
     p.set_defaults(func=run_bench)
 
@@ -43,6 +44,10 @@ def run_bench(args: argparse.Namespace) -> int:
     from . import report, tracks
     from .runner import machine_info
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     policies = [parse_policy(p) for p in (args.policies or (QUICK_POLICIES if args.quick else FULL_POLICIES))]
     settings = tracks.QualitySettings(

@@ -8,7 +8,7 @@ from typing import Any
 from .manifest import read_manifest
 
 
-def load(directory: str | Path, provider: str = "auto") -> Any:
+def load(directory: str | Path, provider: str = "auto", session_options: Any = None) -> Any:
     """Load an artifact written by ``adacache.export``.
 
     Args:
@@ -16,6 +16,7 @@ def load(directory: str | Path, provider: str = "auto") -> Any:
         provider: ``auto`` (TensorRT EP, then CUDA EP, then CPU), ``cpu``, ``cuda``,
             ``tensorrt`` (ONNX Runtime execution providers), or ``tensorrt-engine`` to run a
             serialized TensorRT engine built by ``adacache.export(..., format="tensorrt")``.
+        session_options: an ``onnxruntime.SessionOptions`` (threads, graph optimisation level).
 
     Returns:
         An engine: call it with the model's inputs as arrays, by name.
@@ -26,7 +27,7 @@ def load(directory: str | Path, provider: str = "auto") -> Any:
         return TensorRTEngine(directory)
     from .onnx_engine import OnnxEngine
 
-    return OnnxEngine(directory, provider=provider)
+    return OnnxEngine(directory, provider=provider, session_options=session_options)
 
 
 __all__ = ["load", "read_manifest"]

@@ -57,13 +57,13 @@ class OnnxEngine:
     generations are recognised from the timestep input exactly as ``adacache.compile`` does.
     """
 
-    def __init__(self, directory: str | Path, provider: str = "auto") -> None:
+    def __init__(self, directory: str | Path, provider: str = "auto", session_options: Any = None) -> None:
         import onnxruntime as ort
 
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         providers = choose_providers(provider, ort.get_available_providers())
-        self.session = ort.InferenceSession(str(self.directory / self.manifest["model_file"]), providers=providers)
+        self.session = ort.InferenceSession(str(self.directory / self.manifest["model_file"]), session_options, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self._ort = ort
