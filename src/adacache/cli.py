@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-MODELS = ("reference", "dit-s", "dit-b", "tiny")
+MODELS = ("reference", "dit-s", "dit-b", "tiny", "diffusers-dit-s", "diffusers-dit-b")
 
 
 def load_named_model(name: str, batch: int = 2) -> tuple[Any, tuple[tuple[Any, ...], dict[str, Any]]]:
@@ -21,6 +21,22 @@ def load_named_model(name: str, batch: int = 2) -> tuple[Any, tuple[tuple[Any, .
         x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(0))
         labels = torch.arange(batch) % 10
         return model, ((), {"hidden_states": x, "timestep": torch.full((batch,), 999), "class_labels": labels})
+    if name.startswith("diffusers-"):
+        from diffusers import DiTTransformer2DModel
+
+        width = {"diffusers-dit-s": (6, 64), "diffusers-dit-b": (12, 64)}[name]
+        model = DiTTransformer2DModel(
+            num_attention_heads=width[0], attention_head_dim=width[1], in_channels=4, out_channels=8, num_layers=12,
+            sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
+        )
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # random, non-zero gates: adaLN-Zero's init makes blocks the identity
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) / (p[0].numel() ** 0.5 if p.dim() > 1 else 50.0))
+        x = torch.randn(batch, 4, 32, 32, generator=gen)
+        # A CFG pair batch: conditional half first, the null class (1000) second.
+        labels = torch.tensor([i % 10 for i in range(batch // 2)] + [1000] * (batch - batch // 2))
+        return model.eval(), ((), {"hidden_states": x, "timestep": torch.full((batch,), 999), "class_labels": labels})
     from adacache.models import DiT, DiTConfig, init_dit_weights
 
     config = {"dit-s": DiTConfig.small(), "dit-b": DiTConfig.base(), "tiny": DiTConfig.tiny()}[name]

@@ -33,6 +33,9 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--guidance", type=float, nargs="*", help="CFG scales (default 4.0 1.5, quick 4.0)")
     p.add_argument("--repeats", type=int, help="timing repeats, medians reported (default 3, quick 2)")
     p.add_argument("--speed-models", nargs="*", default=None, help="speed-track models (default dit-s dit-b; none with --quick)")
+    p.add_argument("--overhead", action="store_true",
+                   help="per-step cost of caching that skips nothing, adacache and each anchor, on diffusers DiT-S/2 and DiT-B/2 (on by default with --anchors unless --quick)")
+    p.add_argument("--overhead-models", nargs="*", default=["diffusers-dit-s", "diffusers-dit-b"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", default="bench-out")
     p.set_defaults(func=run_bench)
@@ -63,13 +66,20 @@ def run_bench(args: argparse.Namespace) -> int:
     quality = tracks.quality_track(policies, settings, extra)
     speed_models = args.speed_models if args.speed_models is not None else ([] if args.quick else ["dit-s", "dit-b"])
     speed = tracks.speed_track(policies[:3], speed_models, steps=args.steps, repeats=settings.repeats) if speed_models else []
+    overhead = []
+    if args.overhead or (args.anchors and not args.quick):
+        overhead = tracks.overhead_track(args.overhead_models, steps=min(args.steps, 20), repeats=settings.repeats, anchors=args.anchors)
     info = machine_info()
     info["elapsed_s"] = round(time.perf_counter() - start, 1)
     info["settings"] = {"samples": settings.samples, "steps": settings.steps, "guidance": list(settings.guidance), "repeats": settings.repeats}
-    paths = report.write_results(args.out, quality, speed, info)
+    paths = report.write_results(args.out, quality, speed, info, overhead)
     print(report.quality_table(quality))
+    if args.anchors:
+        print(report.matched_table(quality))
     if speed:
         print(report.speed_table(speed))
+    if overhead:
+        print(report.overhead_table(overhead))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} in {info['elapsed_s']:.0f} s")
     return 0
 

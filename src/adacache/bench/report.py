@@ -51,6 +51,15 @@ def speed_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
+def overhead_table(rows: Sequence[Row]) -> str:
+    """Per-step cost of caching machinery that skips nothing, relative to the bare model."""
+    out = ["| model | variant | ms / step | overhead vs bare model |", "|---|---|---|---|"]
+    for r in rows:
+        ratio = r.extra.get("overhead")
+        out.append(f"| {r.note} | {r.name} | {_fmt(r.extra.get('ms_per_step'), 1)} | {_fmt(ratio, 3)}x |" if ratio else f"| {r.note} | {r.name} | — | {'1.000x' if r.family == 'full' else '—'} |")
+    return "\n".join(out)
+
+
 def matched_table(rows: Sequence[Row], targets: Sequence[float] = MATCHED_SPEEDUPS) -> str:
     """For each family and target speedup, the best PSNR among configurations at least that fast."""
     out = []
@@ -102,17 +111,19 @@ def pareto_plot(rows: Sequence[Row], path: str | Path) -> Path | None:
     return Path(path)
 
 
-def write_results(out_dir: str | Path, quality: Sequence[Row], speed: Sequence[Row], info: dict[str, Any]) -> dict[str, Path]:
+def write_results(out_dir: str | Path, quality: Sequence[Row], speed: Sequence[Row], info: dict[str, Any], overhead: Sequence[Row] = ()) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``pareto.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
-    paths["json"].write_text(json.dumps({"machine": info, "quality": [r.to_dict() for r in quality], "speed": [r.to_dict() for r in speed]}, indent=2, default=str))
+    paths["json"].write_text(json.dumps({"machine": info, "quality": [r.to_dict() for r in quality], "speed": [r.to_dict() for r in speed], "overhead": [r.to_dict() for r in overhead]}, indent=2, default=str))
     parts = [f"Measured with adacache bench; machine: {info.get('processor')}, {info.get('torch_threads')} torch threads, versions {info.get('versions')}."]
     if quality:
         parts += ["\n## Quality track (reference model)", quality_table(quality), "\n## At matched speedups", matched_table(quality)]
     if speed:
         parts += ["\n## Speed track (random weights)", speed_table(speed)]
+    if overhead:
+        parts += ["\n## Overhead with nothing skipped", overhead_table(overhead)]
     paths["markdown"].write_text("\n".join(parts) + "\n")
     if quality:
         plot = pareto_plot(quality, out / "pareto.png")

@@ -176,3 +176,70 @@ def speed_track(
                 row.extra["ms_per_step"] = 1e3 * row.seconds / steps if row.seconds else None
             rows.append(row)
     return rows
+
+
+# Settings under which each anchor runs its machinery but (practically) never skips.
+NEVER_SKIP = {
+    "FirstBlockCache": {"threshold": 1e-9},
+    "TaylorSeer": {"interval": 1},
+    "MagCache": {"threshold": 1e-9},
+    "PyramidAttentionBroadcast": {"interval": 1},
+    "FasterCache": {"attention_interval": 1, "uncond_interval": 1},
+    "SeaCache": {"threshold": 1e-9},
+    "DBCache": {"threshold": 1e-9},
+    "DBCache+TaylorSeer": {"threshold": 1e-9},
+}
+
+
+def overhead_track(configs: Sequence[str] = ("diffusers-dit-s", "diffusers-dit-b"), steps: int = 20, repeats: int = 3, anchors: bool = True) -> list[Row]:
+    """Per-step cost of caching machinery that skips nothing: adacache NoCache and each anchor
+    with a never-skip setting, against the bare model, on diffusers DiT-S/2 and DiT-B/2 sizes."""
+    from adacache.cli import load_named_model
+
+    rows: list[Row] = []
+    for config in configs:
+        model, (_, kwargs) = load_named_model(config, batch=2)
+        feeds = [dict(kwargs, timestep=t.expand(2).long()) for t in torch.linspace(999, 0, steps).round()]
+
+        def generate(denoiser: Any) -> None:
+            with torch.inference_mode():
+                for kw in feeds:
+                    denoiser(**kw)
+
+        variants = [policy_variant(model, adacache.NoCache(), "adacache NoCache")]
+        runs = []
+        if anchors:
+            from . import anchors as anchor_mod
+
+            for base in anchor_mod.anchor_sweeps(quick=True, num_inference_steps=steps):
+                setting = base.with_params(**NEVER_SKIP.get(base.method, {}))
+                copy_model, _ = load_named_model(config, batch=2)
+                try:
+                    run = anchor_mod.apply_anchor(copy_model, setting, instrument=False)
+                except Exception as exc:  # noqa: BLE001 - reported in the table
+                    variants.append(Variant(setting.label(), f"{setting.system} {setting.method}", None, error=f"{type(exc).__name__}: {exc}"[:200]))
+                    continue
+                runs.append(run)
+                variants.append(Variant(setting.label(), f"{setting.system} {setting.method}", run.denoiser, new_generation=run.new_generation))
+        baseline = Variant("original", "full", model)
+        for v in variants:
+            if not v.error:
+                try:
+                    if v.new_generation:
+                        v.new_generation()
+                    generate(v.denoiser)
+                except Exception as exc:  # noqa: BLE001 - reported in the table
+                    v.error = f"{type(exc).__name__}: {exc}"[:200]
+        with _progress(repeats * len(variants), f"overhead {config}") as bar:
+            medians, base = time_interleaved(generate, variants, baseline, repeats, bar)
+        rows.append(Row("original", "full", 0.0, seconds=base, speedup=1.0, note=config))
+        for v in variants:
+            row = Row(v.name, v.family, 0.0, seconds=medians.get(v.name), note=config if not v.error else f"{config}: {v.error}")
+            if row.seconds:
+                row.speedup = base / row.seconds
+                row.extra["overhead"] = row.seconds / base
+                row.extra["ms_per_step"] = 1e3 * row.seconds / steps
+            rows.append(row)
+        for run in runs:
+            run.remove()
+    return rows

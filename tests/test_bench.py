@@ -1,0 +1,41 @@
+"""adacache bench: the command runs end to end, and the tables pick the right rows."""
+
+from __future__ import annotations
+
+import json
+
+from adacache.bench.report import matched_table, quality_table
+from adacache.bench.runner import Row
+from adacache.cli import main
+
+
+def test_bench_quick_writes_tables_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--quick", "--samples", "4", "--steps", "6", "--repeats", "1", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in results["quality"]]
+    assert names[0] == "full computation"
+    assert any(n.startswith("FORA(interval=3") for n in names) and any(n.startswith("FirstBlockCache(") for n in names)
+    fora = next(r for r in results["quality"] if r["name"].startswith("FORA"))
+    assert fora["speedup"] > 0 and 0 < fora["hit_rate"] < 1 and fora["psnr"] > 0
+    assert fora["accuracy"] is not None and fora["fd_digits"] is not None
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert "| full computation |" in (out / "results.md").read_text()
+    assert "FORA(interval=3" in capsys.readouterr().out
+    assert results["machine"]["versions"]["torch"]
+
+
+def test_matched_table_takes_best_psnr_at_or_above_each_speedup():
+    rows = [
+        Row("a1", "fam A", 4.0, speedup=1.6, psnr=35.0),
+        Row("a2", "fam A", 4.0, speedup=2.2, psnr=31.0),
+        Row("a3", "fam A", 4.0, speedup=2.1, psnr=33.0),
+        Row("b1", "fam B", 4.0, speedup=1.4, psnr=40.0),
+    ]
+    table = matched_table(rows, targets=(1.5, 2.0, 3.0))
+    line_a = next(line for line in table.splitlines() if line.startswith("| fam A"))
+    assert "35.0 (a1, 1.60x)" in line_a and "33.0 (a3, 2.10x)" in line_a and line_a.endswith("— |")
+    line_b = next(line for line in table.splitlines() if line.startswith("| fam B"))
+    assert line_b.count("—") == 3
+    assert "| a2 | 2.20x | 31.00 |" in quality_table(rows)
