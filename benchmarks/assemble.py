@@ -1,0 +1,95 @@
+"""Assemble BENCHMARKS.md from the JSON files that benchmarks/regenerate.sh writes.
+
+    python benchmarks/assemble.py bench-out BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from adacache.bench import report
+from adacache.bench.runner import Row
+
+
+def _rows(items: list[dict]) -> list[Row]:
+    return [Row(**item) for item in items]
+
+
+def main(out_dir: str, target: str) -> None:
+    out = Path(out_dir)
+    parts = ["# Benchmarks", "", "Every figure below was measured by `bash benchmarks/regenerate.sh` on the code at the commit that"
+             " changed this file; ratios are medians over repeats, measured in one process with the baseline interleaved.", ""]
+    core = out / "core_speed.json"
+    if core.exists():
+        c = json.loads(core.read_text())
+        parts += [
+            "## Core compiler: DiT-S/2, eager, CPU",
+            "",
+            f"`python benchmarks/core_speed.py --config small --steps {c['steps']} --repeats {c['repeats']} --threads {c['threads']}` "
+            f"(12 blocks, hidden 384, 6 heads, 32x32x4 latent, batch 2; torch {c['torch']}; {c['machine']}).",
+            "",
+            "| variant | s / 50-step generation | ms / step | vs original |",
+            "|---|---|---|---|",
+        ]
+        base = c["median_seconds"]["original"]
+        for name, sec in c["median_seconds"].items():
+            parts.append(f"| {name} | {sec:.2f} | {1e3 * sec / c['steps']:.1f} | {base / sec:.3f}x |")
+        parts += [
+            "",
+            f"* NoCache overhead: **{c['nocache_overhead']:.3f}x** per step (goal ≤ 1.03x).",
+            f"* FORA(interval=3): **{c['fora3_speedup']:.2f}x** faster (goal ≥ 2.6x); FLOP bound {c['fora3_flop_bound']:.2f}x, "
+            f"achieved / bound {c['fora3_achieved_over_bound']:.2f}.",
+            "",
+        ]
+    backends = out / "backends_speed.json"
+    if backends.exists():
+        b = json.loads(backends.read_text())
+        parts += ["## Backends: does the speedup survive compilation and export?", "",
+                  f"`python benchmarks/backends_speed.py --steps {b['steps']}` with `{b['policy']}`, batch 2, CPU.", "",
+                  "| model | eager speedup | torch.compile speedup (cached+compiled vs compiled) | ONNX Runtime speedup (cached export vs plain export) | ORT / eager ratio |",
+                  "|---|---|---|---|---|"]
+        for model, r in b["models"].items():
+            s = r["speedup"]
+            parts.append(f"| {model} | {s['eager']:.2f}x | {s['inductor']:.2f}x | {s['ort']:.2f}x | {r['kept_under_ort']:.2f} |")
+        parts += [""]
+    study = out / "offset_study.json"
+    if study.exists():
+        st = json.loads(study.read_text())
+        parts += ["## Does AdaCorrection's offset score predict the reuse error?", "",
+                  f"`python benchmarks/offset_score_study.py --samples {st['samples']}` on the reference model (CFG {st['guidance']}, lags {st['lags']}):"
+                  " Spearman correlation of each predictor (from the block input) with the true error of reusing the block's residual.", "",
+                  "| predictor | across steps, lags, blocks | within a step, across blocks (median) |", "|---|---|---|"]
+        for name, val in st["predictors"].items():
+            parts.append(f"| {name} | {val['spearman_all']:+.2f} | {val['spearman_within_step_median']:+.2f} |")
+        parts += ["", f"Reuse error at lag 1 in the last five steps is {st['err_last5_over_mid']:.1f}x its mid-trajectory level.", ""]
+    bench = out / "bench" / "results.json"
+    if bench.exists():
+        r = json.loads(bench.read_text())
+        quality, speed, overhead = _rows(r["quality"]), _rows(r["speed"]), _rows(r.get("overhead", []))
+        settings = r["machine"].get("settings", {})
+        parts += ["## Reference model: fidelity and speed, adacache and the systems in use today", "",
+                  f"`adacache bench --anchors --samples {settings.get('samples')} --guidance {' '.join(map(str, settings.get('guidance', [])))}"
+                  f" --repeats {settings.get('repeats')}` — {settings.get('samples')} samples (seeds x classes), DDIM {settings.get('steps')} steps;"
+                  " PSNR / SSIM / feature distance against full computation of the same seeds; class accuracy and FD-digits"
+                  " from the shipped digit classifier (no LPIPS / Inception weights can be downloaded here, so its features stand in).",
+                  f" Versions: {r['machine']['versions']}; {r['machine']['processor']}, {r['machine']['torch_threads']} torch threads;"
+                  f" run took {r['machine'].get('elapsed_s')} s.", "",
+                  report.quality_table(quality), "", "### At matched speedups", report.matched_table(quality), "",
+                  "![Pareto plot](docs/pareto.png)", ""]
+        if speed:
+            parts += ["### Speed track (random weights)", report.speed_table(speed), ""]
+        if overhead:
+            parts += ["### Overhead with nothing skipped", report.overhead_table(overhead), ""]
+        plot = out / "bench" / "pareto.png"
+        if plot.exists():
+            Path("docs").mkdir(exist_ok=True)
+            shutil.copy(plot, "docs/pareto.png")
+    Path(target).write_text("\n".join(parts) + "\n")
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
