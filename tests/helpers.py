@@ -42,3 +42,19 @@ class CountAttention(TorchDispatchMode):
         if "scaled_dot_product" in func.__name__ or func.__name__.startswith("_softmax") or func.__name__.startswith("softmax"):
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+def assert_onnx_matches_eager(cached: torch.nn.Module, inputs: Callable[[torch.Tensor], dict[str, Any]], timesteps: torch.Tensor, directory: Any, atol: float = 1e-4) -> Any:
+    """Export ``cached``, run the artifact with ONNX Runtime next to the eager model over
+    ``timesteps``, and check every step's output; return the engine for further checks."""
+    import adacache
+
+    adacache.export(cached, directory, example_inputs=((), inputs(timesteps[0])))
+    engine = adacache.load(directory, provider="cpu")
+    with torch.no_grad():
+        for t in timesteps:
+            feeds = inputs(t)
+            expected = cached(**feeds).numpy()
+            got = engine(**{k: v.numpy() for k, v in feeds.items()})["output_0"]
+            assert abs(got - expected).max() < atol, f"timestep {float(t)}"
+    return engine

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import adacache
 from adacache import ops
 from families import FAMILIES
-from helpers import CountAttention, denoise
+from helpers import assert_onnx_matches_eager, CountAttention, denoise
 from test_runtime import TIMESTEPS, _embed, _final
 
 
@@ -118,12 +118,5 @@ def test_adacorrection_splits_a_first_block_cache_span_per_block():
 def test_adacorrection_exports_to_onnx(tmp_path):
     model, inputs, _ = FAMILIES["tiny_dit"]()
     cached = adacache.compile(model, adacache.AdaCorrection(base=adacache.FORA(interval=3), veto=0.6, band=True))
-    adacache.export(cached, tmp_path / "ac", example_inputs=((), inputs(TIMESTEPS[0])))
-    engine = adacache.load(tmp_path / "ac", provider="cpu")
-    with torch.no_grad():
-        for t in TIMESTEPS:
-            feeds = inputs(t)
-            expected = cached(**feeds).numpy()
-            got = engine(**{k: v.numpy() for k, v in feeds.items()})["output_0"]
-            assert np.abs(got - expected).max() < 1e-4
+    engine = assert_onnx_matches_eager(cached, inputs, TIMESTEPS, tmp_path / "ac")
     assert sum(engine.reused.values()) == round(adacache.summary(cached).hit_rate * 4 * len(TIMESTEPS))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import adacache
 from adacache.stepping import allow_reuse, forecast_controls
 from families import FAMILIES
-from helpers import denoise
+from helpers import assert_onnx_matches_eager, denoise
 from test_runtime import TIMESTEPS, _embed, _final
 
 
@@ -89,15 +89,6 @@ def test_order_zero_is_fora_and_memory_grows_with_order():
 
 
 def test_taylorseer_exports_to_onnx_with_the_same_forecasts(tmp_path):
-    import numpy as np
-
     model, inputs, _ = FAMILIES["tiny_dit"]()
     cached = adacache.compile(model, adacache.TaylorSeer(order=1, interval=3))
-    adacache.export(cached, tmp_path / "ts", example_inputs=((), inputs(TIMESTEPS[0])))
-    engine = adacache.load(tmp_path / "ts", provider="cpu")
-    with torch.no_grad():
-        for t in TIMESTEPS:
-            feeds = inputs(t)
-            expected = cached(**feeds).numpy()
-            got = engine(**{k: v.numpy() for k, v in feeds.items()})["output_0"]
-            assert np.abs(got - expected).max() < 1e-4
+    assert_onnx_matches_eager(cached, inputs, TIMESTEPS, tmp_path / "ts")

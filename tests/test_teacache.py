@@ -9,7 +9,7 @@ import torch
 import adacache
 from adacache import ops
 from families import FAMILIES
-from helpers import CountAttention, denoise
+from helpers import assert_onnx_matches_eager, CountAttention, denoise
 from test_runtime import TIMESTEPS, _embed, _final
 from adacache.models.dit import modulate
 
@@ -97,12 +97,5 @@ def test_teacache_needs_an_attention_to_probe():
 def test_teacache_exports_to_onnx(tmp_path):
     model, inputs, _ = FAMILIES["tiny_dit"]()
     cached = adacache.compile(model, adacache.TeaCache(0.6, coefficients=(0.5, 0.02)))
-    adacache.export(cached, tmp_path / "tea", example_inputs=((), inputs(TIMESTEPS[0])))
-    engine = adacache.load(tmp_path / "tea", provider="cpu")
-    with torch.no_grad():
-        for t in TIMESTEPS:
-            feeds = inputs(t)
-            expected = cached(**feeds).numpy()
-            got = engine(**{k: v.numpy() for k, v in feeds.items()})["output_0"]
-            assert np.abs(got - expected).max() < 1e-4
+    engine = assert_onnx_matches_eager(cached, inputs, TIMESTEPS, tmp_path / "tea")
     assert engine.reused["site_0"] == adacache.summary(cached).sites[0].reused >= 2
