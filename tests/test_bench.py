@@ -16,7 +16,7 @@ def test_bench_quick_writes_tables_json_and_plot(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in results["quality"]]
     assert names[0] == "full computation"
-    assert any(n.startswith("FORA(interval=3") for n in names) and any(n.startswith("FirstBlockCache(") for n in names)
+    assert "FORA(interval=3)" in names and "FirstBlockCache(0.08)" in names
     fora = next(r for r in results["quality"] if r["name"].startswith("FORA"))
     assert fora["speedup"] > 0 and 0 < fora["hit_rate"] < 1 and fora["psnr"] > 0
     assert fora["accuracy"] is not None and fora["fd_digits"] is not None

@@ -13,6 +13,12 @@ FULL_POLICIES = (
     "FORA(interval=2, granularity='module')", "FORA(interval=3, granularity='module')", "FORA(interval=5, granularity='module')",
     "FirstBlockCache(0.03)", "FirstBlockCache(0.05)", "FirstBlockCache(0.08)", "FirstBlockCache(0.12)", "FirstBlockCache(0.2)",
     "FirstBlockCache(0.08, tail_blocks=1)",
+    "FORA(interval=3, reuse='output')",
+    "TaylorSeer(order=1, interval=3)", "TaylorSeer(order=1, interval=5)", "TaylorSeer(order=2, interval=5)",
+    "TaylorSeer(order=1, interval=5, granularity='block')",
+    "TeaCache(0.1)", "TeaCache(0.2)", "TeaCache(0.4)",
+    "AdaCorrection(base=FORA(interval=3))", "AdaCorrection(base=FirstBlockCache(0.08))",
+    "AdaCorrection(base=FirstBlockCache(0.12), accept=0.05)", "AdaCorrection(base=TaylorSeer(order=1, interval=5))",
 )
 
 
@@ -52,7 +58,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    policies = [parse_policy(p) for p in (args.policies or (QUICK_POLICIES if args.quick else FULL_POLICIES))]
+    policies = [(text, parse_policy(text)) for text in (args.policies or (QUICK_POLICIES if args.quick else FULL_POLICIES))]
     settings = tracks.QualitySettings(
         samples=args.samples or (20 if args.quick else 200),
         timing_samples=min(20, args.samples or 20),

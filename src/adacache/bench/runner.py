@@ -106,12 +106,20 @@ def policy_variant(model: torch.nn.Module, policy: Policy, name: str | None = No
     cached = adacache.compile(model, policy, backend=backend)
     return Variant(
         name=name or policy.describe(),
-        family=f"adacache {type(policy).__name__}",
+        family=_family(policy),
         denoiser=cached,
         policy=policy,
         new_generation=cached.reset,
         stats=lambda: _policy_stats(cached),
     )
+
+
+def _family(policy: Policy) -> str:
+    """Curve name in tables and plots: the method, and its base for composed policies."""
+    base = getattr(policy, "base", None)
+    name = type(policy).__name__ + (f"+{type(base).__name__}" if isinstance(base, Policy) else "")
+    granularity = getattr(policy, "granularity", "block")
+    return f"adacache {name}" + (" (module)" if granularity == "module" and name != "TaylorSeer" else "")
 
 
 def _policy_stats(cached: Any) -> dict[str, Any]:

@@ -29,6 +29,11 @@ class QualitySettings:
     repeats: int = 3
 
 
+def _named(policies: Sequence[Any]) -> list[tuple[str, Policy]]:
+    """Accept policies or ``(name, policy)`` pairs; a bare policy is named by ``describe()``."""
+    return [(p[0], p[1]) if isinstance(p, tuple) else (p.describe(), p) for p in policies]
+
+
 def _progress(total: int, desc: str) -> Any:
     try:
         from tqdm.auto import tqdm
@@ -39,7 +44,7 @@ def _progress(total: int, desc: str) -> Any:
 
 
 def quality_track(
-    policies: Sequence[Policy],
+    policies: Sequence[Policy | tuple[str, Policy]],
     settings: QualitySettings,
     extra_variants: Sequence[Variant] = (),
     model: Any = None,
@@ -53,7 +58,7 @@ def quality_track(
     seeds = list(range(settings.samples))
     timing_labels = labels[: settings.timing_samples]
     timing_seeds = seeds[: settings.timing_samples]
-    variants = [policy_variant(model, p) for p in policies] + list(extra_variants)
+    variants = [policy_variant(model, p, name) for name, p in _named(policies)] + list(extra_variants)
     baseline = Variant("full computation", "full", model)
     rows: list[Row] = []
     for guidance in settings.guidance:
@@ -133,7 +138,7 @@ def _distribution(images: torch.Tensor, labels: Sequence[int]) -> dict[str, floa
 
 
 def speed_track(
-    policies: Sequence[Policy],
+    policies: Sequence[Policy | tuple[str, Policy]],
     configs: Sequence[str] = ("dit-s", "dit-b"),
     steps: int = 50,
     repeats: int = 3,
@@ -155,7 +160,7 @@ def speed_track(
                     x = x - 0.001 * eps[:, : x.shape[1]]  # a stand-in for the scheduler update
             return x
 
-        variants = [policy_variant(model, p) for p in policies] + list((extra or {}).get(config, ()))
+        variants = [policy_variant(model, p, name) for name, p in _named(policies)] + list((extra or {}).get(config, ()))
         baseline = Variant("original", "full", model)
         for v in variants:  # capture outside the timing
             generate(v.denoiser)
