@@ -40,6 +40,8 @@ _EXPORTS = {
     "NoCache": "adacache.policies",
     "TaylorSeer": "adacache.policies",
     "TeaCache": "adacache.policies",
+    "ZCache": "adacache.policies",
+    "sample": "adacache.runtime.sampling",
     "calibrate": "adacache.calibration",
     "Policy": "adacache.policies",
     "StepContext": "adacache.policies",

@@ -124,6 +124,7 @@ def summary(model: nn.Module, session: Session | None = None) -> Summary:
         cache_bytes=sess.cache_bytes(),
         model_flops_per_call=flops["<model>"],
         per_step=per_step,
+        replays=stats.replays,
     )
 
 

@@ -139,6 +139,14 @@ class Summary:
     cache_bytes: int
     model_flops_per_call: int
     per_step: list[dict[str, Any]] = field(default_factory=list)
+    replays: int = 0  # reflected calls (Z-Cache) that ran only the non-block part
+
+    @property
+    def reflection_flops(self) -> float:
+        """Extra FLOPs of reflected calls, as a share of the full-computation FLOPs of all calls."""
+        non_block = self.model_flops_per_call - sum(s.flops_per_call for s in self.sites)
+        total = self.model_flops_per_call * self.calls
+        return self.replays * max(0, non_block) / total if total else 0.0
 
     @property
     def hit_rate(self) -> float:
@@ -164,7 +172,8 @@ class Summary:
             f"  calls {self.calls} in {self.generations} generation(s), graphs captured {self.captures}, "
             f"cache invalidations {self.invalidations}, non-finite caches refused {self.nonfinite}",
             f"  hit rate {self.hit_rate:.1%}, FLOPs skipped {self.flops_skipped:.1%} "
-            f"(FLOP-bound speedup {self.flop_bound_speedup:.2f}x), cache memory {self.cache_bytes / 2**20:.2f} MiB",
+            f"(FLOP-bound speedup {self.flop_bound_speedup:.2f}x), cache memory {self.cache_bytes / 2**20:.2f} MiB"
+            + (f", reflection: {self.replays} replayed calls, {self.reflection_flops:.2%} extra FLOPs" if self.replays else ""),
             f"  {'site':<8} {'covers':<32} {'reused':>8} {'hit rate':>9} {'MFLOP/call':>11}",
         ]
         rows = [

@@ -6,5 +6,6 @@ from .first_block import FirstBlockCache
 from .static import FORA, NoCache
 from .taylorseer import TaylorSeer
 from .teacache import TeaCache
+from .zcache import ZCache
 
-__all__ = ["AdaCorrection", "FORA", "FirstBlockCache", "NoCache", "Policy", "SitePlan", "StepContext", "TaylorSeer", "TeaCache", "policy_dataclass"]
+__all__ = ["AdaCorrection", "FORA", "FirstBlockCache", "NoCache", "Policy", "SitePlan", "StepContext", "TaylorSeer", "TeaCache", "ZCache", "policy_dataclass"]

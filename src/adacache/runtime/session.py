@@ -107,6 +107,29 @@ class Session:
         self._record(program, outputs[n_user + n_state :], slot.tensors)
         return program.captured.unflatten_outputs(outputs[:n_user])
 
+    def replay(self, args: tuple[Any, ...], kwargs: dict[str, Any], slot: int, states: list[torch.Tensor]) -> Any:
+        """Run one call with every cached site *reusing* the given cache tensors.
+
+        Used by trajectory-level policies (Z-Cache's reflection): only the non-block part of
+        the network runs. The session's caches, step counter and statistics are untouched;
+        ``states`` follow ``program.layout.states`` for the program of these inputs.
+        """
+        owner = self.owner
+        program, _ = owner._program_for(args, kwargs, self.stats)
+        flat = program.captured.flatten_inputs(args, kwargs)
+        device = _device_of(flat)
+        controls = []
+        for name in program.layout.controls:
+            if name == "forecast__coef":  # reuse D_0 as given: coefficients (1, 0, 0, ...)
+                controls.append(torch.zeros(program.layout.forecast_order + 1, device=device).index_fill_(0, torch.tensor([0], device=device), 1.0))
+            elif name == "forecast__update":
+                controls.append(torch.zeros(program.layout.forecast_order + 1, device=device))
+            else:
+                controls.append(owner._flag(True, device))
+        outputs = program.graph_module(*flat, *controls, *states)
+        self.stats.replays += 1
+        return program.captured.unflatten_outputs(outputs[: program.layout.num_user_outputs])
+
     def _record(self, program: "Program", signals: Any, states: list[torch.Tensor]) -> None:
         reused, scores = {}, {}
         for name, value in zip(program.layout.signals, signals):

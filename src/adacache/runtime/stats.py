@@ -28,6 +28,7 @@ class SessionStats:
     calls: int = 0
     captures: int = 0
     invalidations: int = 0
+    replays: int = 0  # calls that only ran the non-block part (Z-Cache reflection)
     records: list[StepRecord] = field(default_factory=list)  # current / last generation
     _done: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # site -> [reused, calls]
     _nonfinite: int = 0

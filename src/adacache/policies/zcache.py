@@ -1,0 +1,63 @@
+"""Z-Cache: self-reflection over each caching window (z-cache.txt, Sec. 3.3 and Fig. 3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ..errors import PolicyError
+from ..passes.regions import Region
+from .base import Policy, SitePlan, check, policy_dataclass
+from .taylorseer import TaylorSeer
+
+
+def reflection_weight(k: int, t1: int, t2: int) -> float:
+    """The logarithmic averaging weight ``w = log(t2 - k + 1) / log(t2 - t1 + 1)`` for ``t1 <= k < t2``.
+
+    ``w`` is the weight of the forecast from the *new* anchor ``t2``; it is 1 at ``k = t1`` and
+    falls towards ``t2``, as printed in the paper.
+    """
+    if not t1 <= k < t2:
+        raise ValueError(f"k={k} outside the window [{t1}, {t2})")
+    return math.log(t2 - k + 1) / math.log(t2 - t1 + 1)
+
+
+@policy_dataclass
+class ZCache(Policy):
+    """Z-Cache over TaylorSeer: after each full computation, re-run the window behind it.
+
+    Forward with the base's forecasts until the next full computation at step ``t2``; then
+    roll the sampler back to the previous anchor ``t1``, re-predict every intermediate step
+    ``t1 < k < t2`` as ``(1 - w) F_{A}(k) + w F_{A + t2}(k)`` (``w`` the logarithmic weight of
+    :func:`reflection_weight`), re-run the sampler over the window with those features (only
+    the non-block part of the network runs), and take step ``t2`` on the re-sampled latent
+    with the new anchor's features, without another full computation.
+
+    Reflection rewrites the trajectory, so this policy needs the runtime to own the loop:
+    use :func:`adacache.sample`. Calling the compiled model directly runs the base alone.
+
+    Args:
+        base: a TaylorSeer (static windows). TeaCache's adaptive windows are not supported yet.
+    """
+
+    base: Policy = dataclasses.field(default_factory=lambda: TaylorSeer(order=1, interval=5))
+    backends = ("eager", "inductor")  # the trajectory roll-back cannot live inside one engine
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.base, Policy), "ZCache", f"base must be a policy, got {self.base!r}")
+        if not isinstance(self.base, TaylorSeer):
+            raise PolicyError(
+                f"ZCache(base={type(self.base).__name__}) is not supported yet: reflection needs the static "
+                "windows of TaylorSeer; use ZCache(base=TaylorSeer(...))"
+            )
+
+    @property
+    def granularity(self) -> str:  # type: ignore[override]
+        return self.base.granularity
+
+    def plan(self, blocks: list[Region]) -> list[SitePlan]:
+        return self.base.plan(blocks)
+
+    def schedule(self, site: SitePlan) -> dict[str, Any]:
+        return self.base.schedule(site)

@@ -1,0 +1,105 @@
+"""Z-Cache: the reflection weight, the runtime-owned loop, and its refusals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import adacache
+from adacache.policies.zcache import reflection_weight
+from families import FAMILIES
+
+
+@given(t1=st.integers(0, 30), width=st.integers(1, 10))
+def test_reflection_weight_is_the_logarithmic_average(t1, width):
+    t2 = t1 + width
+    weights = [reflection_weight(k, t1, t2) for k in range(t1, t2)]
+    assert weights[0] == pytest.approx(1.0)
+    assert all(0 < w <= 1 for w in weights)
+    assert all(a > b for a, b in zip(weights, weights[1:])), "monotonically decreasing"
+    assert weights[-1] == pytest.approx(math.log(2) / math.log(width + 1))
+    with pytest.raises(ValueError):
+        reflection_weight(t2, t1, t2)
+
+
+def _setup(policy):
+    from diffusers import DDIMScheduler
+
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    cached = adacache.compile(model, policy)
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(12)
+    kw = inputs(torch.tensor(0.0))
+    labels = kw["class_labels"]
+
+    def denoise(m, x, t):
+        return m(x=x, timestep=t.expand(x.shape[0]).float(), class_labels=labels)[:, :4]
+
+    return model, cached, scheduler, kw["x"], denoise
+
+
+def test_sample_without_reflection_is_the_plain_loop():
+    model, cached, scheduler, x0, denoise = _setup(adacache.TaylorSeer(order=1, interval=3))
+    got = adacache.sample(cached, scheduler, x0, denoise)
+    scheduler.set_timesteps(12)
+    x = x0
+    again = adacache.compile(model, adacache.TaylorSeer(order=1, interval=3))
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            x = scheduler.step(denoise(again, x, t), t, x).prev_sample
+    assert torch.equal(got, x)
+
+
+def test_zcache_reflects_each_window_at_small_extra_cost():
+    model, cached, scheduler, x0, denoise = _setup(adacache.ZCache(base=adacache.TaylorSeer(order=1, interval=3)))
+    out = adacache.sample(cached, scheduler, x0, denoise)
+    assert torch.isfinite(out).all()
+    stats = cached.current_session().stats
+    # full steps at 0, 1, 4, 7, 10 (warmup 1, interval 3): windows (1, 4], (4, 7], (7, 10] replay 3 calls each
+    assert stats.replays == 9
+    summary = adacache.summary(cached)
+    assert summary.hit_rate == pytest.approx(7 / 12)
+    plain = adacache.sample(adacache.compile(model, adacache.TaylorSeer(order=1, interval=3)), scheduler, x0, denoise)
+    assert not torch.allclose(out, plain), "reflection changes the trajectory"
+
+
+def test_zcache_with_interval_one_has_nothing_to_reflect():
+    model, cached, scheduler, x0, denoise = _setup(adacache.ZCache(base=adacache.TaylorSeer(order=1, interval=1)))
+    out = adacache.sample(cached, scheduler, x0, denoise)
+    scheduler.set_timesteps(12)
+    x = x0
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            x = scheduler.step(denoise(model, x, t), t, x).prev_sample
+    assert torch.allclose(out, x, atol=1e-5)
+    assert cached.current_session().stats.replays == 0
+
+
+def test_zcache_refuses_what_it_cannot_do(tmp_path):
+    from diffusers import DDPMScheduler
+
+    model, cached, scheduler, x0, denoise = _setup(adacache.ZCache())
+    ddpm = DDPMScheduler(num_train_timesteps=1000)
+    ddpm.set_timesteps(10)
+    with pytest.raises(adacache.PolicyError, match="draws fresh noise"):
+        adacache.sample(cached, ddpm, x0, denoise)
+    with pytest.raises(adacache.PolicyError, match="eta"):
+        adacache.sample(cached, scheduler, x0, denoise, step_kwargs={"eta": 0.5})
+    with pytest.raises(adacache.PolicyError, match="TeaCache"):
+        adacache.ZCache(base=adacache.TeaCache(0.1))
+    _, inputs, _ = FAMILIES["tiny_dit"]()
+    with pytest.raises(adacache.ExportError, match="ZCache cannot be exported to onnx"):
+        adacache.export(cached, tmp_path / "z", example_inputs=((), inputs(torch.tensor(900.0))))
+
+
+def test_reflection_cost_is_reported():
+    _, cached, scheduler, x0, denoise = _setup(adacache.ZCache(base=adacache.TaylorSeer(order=1, interval=3)))
+    adacache.sample(cached, scheduler, x0, denoise)
+    summary = adacache.summary(cached)
+    assert summary.replays == 9
+    assert 0 < summary.reflection_flops < 0.25, "a replay runs only the non-block part"
+    assert "reflection: 9 replayed calls" in str(summary)
