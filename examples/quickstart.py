@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,11 +53,11 @@ def main() -> None:
     print(f"full:     {t_full:.2f} s for {args.samples} images, {args.steps} DDIM steps, CFG {args.guidance}")
     print(f"cached:   {t_cached:.2f} s  ->  speedup {t_full / t_cached:.2f}x")
     print(f"fidelity: PSNR {psnr(cached_images, full_images).mean():.2f} dB against full computation")
-    print(adacache.summary(cached))
+    print(adacache.summary(cached).format(per_step=False))
     try:
         from adacache.reference.train import save_grid
 
-        save_grid(torch.cat([full_images, cached_images]), args.out, nrow=args.samples)
+        save_grid(torch.cat([full_images, cached_images]), Path(args.out), nrow=args.samples)
         print(f"wrote {args.out} (top: full computation, bottom: cached)")
     except ImportError:
         pass

@@ -167,6 +167,10 @@ class Summary:
         return 1.0 / max(1e-9, 1.0 - self.flops_skipped)
 
     def __str__(self) -> str:
+        return self.format()
+
+    def format(self, per_step: bool = True) -> str:
+        """The summary as text; ``per_step=False`` leaves out the step-by-step reuse map."""
         head = [
             f"adacache summary: {self.policy}",
             f"  calls {self.calls} in {self.generations} generation(s), graphs captured {self.captures}, "
@@ -180,7 +184,7 @@ class Summary:
             f"  {s.site:<8} {s.label:<32} {s.reused:>4}/{s.calls:<3} {s.hit_rate:>9.1%} {s.flops_per_call / 1e6:>11.2f}"
             for s in self.sites
         ]
-        if self.per_step:
+        if self.per_step and per_step:
             sites = [s.site for s in self.sites if s.calls]
             rows.append("  per step (R = reused, . = computed), one column per site: " + " ".join(sites))
             for rec in self.per_step:
