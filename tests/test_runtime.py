@@ -321,3 +321,16 @@ def test_summary_reports_hits_flops_and_memory():
     text = str(summary)
     assert "hit rate 50.0%" in text and "blocks.3" in text
     assert output_tensor(torch.zeros(1)).shape == (1,)
+
+
+def test_nocache_outlines_every_block_and_keeps_no_state():
+    model, inputs, n_blocks = tiny()
+    cached = adacache.compile(model, adacache.NoCache(), example_inputs=((), inputs(TIMESTEPS[0])))
+    program = cached.programs[0]
+    assert program.layout.states == [] and program.layout.controls == []
+    assert [line for line in adacache.graph_structure(program.portable) if line.startswith("call ")] == [
+        f"call site_{i}" for i in range(n_blocks)
+    ]
+    denoise(cached, inputs)
+    summary = adacache.summary(cached)
+    assert summary.hit_rate == 0.0 and summary.cache_bytes == 0 and summary.sites[0].calls == len(TIMESTEPS)

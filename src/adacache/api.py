@@ -106,7 +106,7 @@ def summary(model: nn.Module, session: Session | None = None) -> Summary:
     sites = []
     for site in program.layout.sites:
         reused, calls = totals.get(site.name, (0, 0))
-        if site.role == "probe":
+        if site.role in ("probe", "fresh"):  # these run at every call
             calls = stats.calls
         sites.append(SiteSummary(site.name, site.label, reused, calls, flops[site.name]))
     per_step = [

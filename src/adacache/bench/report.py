@@ -28,15 +28,15 @@ def quality_table(rows: Sequence[Row]) -> str:
     out = []
     for guidance in sorted({r.guidance for r in rows}, reverse=True):
         out.append(f"\n**CFG {guidance}**\n")
-        out.append("| variant | speedup | PSNR dB | SSIM | feat. dist. | class acc. | FD-digits | hit rate | FLOPs skipped | achieved / FLOP bound | cache MiB | note |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("| variant | speedup | PSNR dB | SSIM | feat. dist. | class acc. | FD-digits | hit rate | FLOPs skipped | achieved / FLOP bound | cache MiB | peak MiB (CUDA) | note |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             if r.guidance != guidance:
                 continue
             out.append(
                 f"| {r.name} | {_fmt(r.speedup)}x | {_fmt(r.psnr)} | {_fmt(r.ssim, 4)} | {_fmt(r.perceptual, 3)} | "
                 f"{_fmt(r.accuracy, 1, True)} | {_fmt(r.fd_digits)} | {_fmt(r.hit_rate, 1, True)} | {_fmt(r.flops_skipped, 1, True)} | "
-                f"{_fmt(r.achieved_over_bound)} | {_fmt(r.cache_mib, 3)} | {r.note or ''} |"
+                f"{_fmt(r.achieved_over_bound)} | {_fmt(r.cache_mib, 3)} | {_fmt(r.peak_mib, 1)} | {r.note or ''} |"
             )
     return "\n".join(out)
 

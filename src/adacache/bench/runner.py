@@ -47,6 +47,7 @@ class Row:
     flop_bound: float | None = None
     achieved_over_bound: float | None = None
     cache_mib: float | None = None
+    peak_mib: float | None = None  # CUDA only: CPU allocations have no per-run peak counter
     note: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -75,7 +75,7 @@ def quality_track(
                     rows.append(Row(variant.name, variant.family, guidance, note=variant.error))
                     continue
                 try:
-                    images, stats = _generate_with_stats(variant, lambda d: generate(d))
+                    images, stats = _generate_with_stats(variant, lambda d: generate(d), _device(model))
                 except Exception as exc:  # noqa: BLE001 - a failing variant is a row, not a crash
                     variant.error = f"{type(exc).__name__}: {exc}"[:300]
                     rows.append(Row(variant.name, variant.family, guidance, note=variant.error))
@@ -88,6 +88,7 @@ def quality_track(
                 row.flops_skipped = stats.get("flops_skipped")
                 row.flop_bound = stats.get("flop_bound")
                 row.cache_mib = stats.get("cache_mib")
+                row.peak_mib = stats.get("peak_mib")
                 row.note = stats.get("workaround")
                 rows.append(row)
                 if bar is not None and hasattr(bar, "update"):
@@ -110,22 +111,43 @@ def quality_track(
     return rows
 
 
-def _generate_with_stats(variant: Variant, generate: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+def _peak_memory(run: Any, device: torch.device) -> tuple[Any, float | None]:
+    """``run()`` and the peak memory it allocated on a CUDA device, in MiB.
+
+    CPU allocations go through the system allocator, which has no per-run peak counter,
+    so on a CPU the peak is not reported (None) rather than estimated.
+    """
+    if device.type != "cuda":
+        return run(), None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = run()
+    torch.cuda.synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _generate_with_stats(variant: Variant, generate: Any, device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, dict[str, Any]]:
     if variant.policy is not None:
         # A fresh session, so the statistics are those of this generation alone.
         with adacache.session(variant.denoiser) as sess:
-            images = generate(variant.denoiser)
+            images, peak = _peak_memory(lambda: generate(variant.denoiser), device)
             summary = adacache.summary(variant.denoiser, sess)
         return images, {
             "hit_rate": summary.hit_rate,
             "flops_skipped": summary.flops_skipped,
             "flop_bound": summary.flop_bound_speedup,
             "cache_mib": summary.cache_bytes / 2**20,
+            "peak_mib": peak,
         }
     if variant.new_generation:
         variant.new_generation()
-    images = generate(variant.denoiser)
-    return images, dict(variant.stats() if variant.stats else {})
+    images, peak = _peak_memory(lambda: generate(variant.denoiser), device)
+    return images, {**(variant.stats() if variant.stats else {}), "peak_mib": peak}
+
+
+def _device(model: Any) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _distribution(images: torch.Tensor, labels: Sequence[int]) -> dict[str, float]:
@@ -211,7 +233,10 @@ def overhead_track(configs: Sequence[str] = ("diffusers-dit-s", "diffusers-dit-b
                 for kw in feeds:
                     denoiser(**kw)
 
-        variants = [policy_variant(model, adacache.NoCache(), "adacache NoCache")]
+        variants = [
+            policy_variant(model, adacache.NoCache(), "adacache NoCache"),
+            policy_variant(model, adacache.FORA(interval=1), "adacache FORA(interval=1), caches kept, nothing skipped"),
+        ]
         runs = []
         if anchors:
             from . import anchors as anchor_mod

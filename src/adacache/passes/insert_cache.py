@@ -180,6 +180,8 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
         layout.controls.extend(n.name for n in forecast)
 
     for site in sites:
+        if site.role == "fresh":
+            continue  # outlined only: nothing to cache (NoCache)
         call = _site_call(gm, site)
         region = site.regions[0]
         n_out = len(region.outputs)
@@ -353,6 +355,11 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
     for ctrl in controls:
         first_state = states_in[0][1]
         first_state.prepend(ctrl)
+    if not states_in:  # nothing cached: the graph's signature is the model's own
+        gm.meta[META_KEY] = layout
+        graph.lint()
+        gm.recompile()
+        return gm
     output_node.args = (tuple(user_outputs) + tuple(new_state[s.name] for s in layout.states) + tuple(signal_out),)
     gm.meta[META_KEY] = layout
     graph.lint()

@@ -31,7 +31,7 @@ from ..passes.regions import Region
 
 Granularity = Literal["block", "module"]
 ReuseForm = Literal["residual", "output"]
-Role = Literal["cached", "probe"]
+Role = Literal["cached", "probe", "fresh"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class SitePlan:
         label: the modules it covers, for humans (``transformer_blocks.1..11``).
         regions: the consecutive regions (blocks or sub-modules) the site covers.
         role: ``cached`` sites may be skipped; ``probe`` sites always run and produce the
-            score that gates other sites.
+            score that gates other sites; ``fresh`` sites are only outlined (NoCache).
         reuse: ``residual`` (reuse ``output - input`` added to the current input) or
             ``output`` (reuse the stale output as it is).
         gated_by: name of the probe site whose score must pass ``threshold`` for reuse.

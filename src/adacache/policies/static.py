@@ -12,10 +12,12 @@ from .base import Granularity, Policy, ReuseForm, SitePlan, check, policy_datacl
 
 @policy_dataclass
 class NoCache(Policy):
-    """Instrument every eligible block, never reuse.
+    """Pass-through: every eligible block is found and outlined as a site, nothing is cached.
 
-    The rewritten graph computes exactly what the original does (bitwise in float64); it
-    exists to measure the cost of the cache machinery itself and as a correctness anchor.
+    The rewritten graph computes exactly what the original does (bitwise in float64) and
+    keeps no cache state; it is the correctness anchor and measures the cost of capture and
+    outlining. To measure caching that keeps its state but skips nothing, use
+    ``FORA(interval=1)``.
     """
 
     granularity: Granularity = "block"
@@ -24,7 +26,10 @@ class NoCache(Policy):
         check(self.granularity in ("block", "module"), "NoCache", f"granularity must be 'block' or 'module', got {self.granularity!r}")
 
     def plan(self, blocks: list[Region]) -> list[SitePlan]:
-        return self._per_unit_sites(blocks, "residual" if self.granularity == "block" else "output")
+        sites = self._per_unit_sites(blocks, "residual" if self.granularity == "block" else "output")
+        for site in sites:
+            site.role = "fresh"
+        return sites
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return {"kind": "never"}
