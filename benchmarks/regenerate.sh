@@ -9,5 +9,6 @@ mkdir -p "$OUT"
 python benchmarks/core_speed.py --config small --steps 50 --repeats 5 --threads "$THREADS" --out "$OUT/core_speed.json"
 python benchmarks/backends_speed.py --models reference dit-s --steps 50 --repeats 3 --threads "$THREADS" --out "$OUT/backends_speed.json"
 python benchmarks/offset_score_study.py --samples 20 --out "$OUT/offset_study.json"
-adacache bench --anchors --samples 100 --guidance 4.0 --repeats 3 --threads "$THREADS" --speed-models dit-s --overhead-models diffusers-dit-s --out "$OUT/bench"
+adacache bench --anchors --samples 100 --guidance 4.0 --repeats 3 --threads "$THREADS" --speed-models dit-s --overhead-models --out "$OUT/bench"
+python benchmarks/overhead.py --models diffusers-dit-s --steps 20 --repeats 3 --threads "$THREADS" --out "$OUT/overhead.json"
 python benchmarks/assemble.py "$OUT" BENCHMARKS.md
