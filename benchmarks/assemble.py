@@ -21,7 +21,9 @@ def _rows(items: list[dict]) -> list[Row]:
 def main(out_dir: str, target: str) -> None:
     out = Path(out_dir)
     parts = ["# Benchmarks", "", "Every figure below was measured by `bash benchmarks/regenerate.sh` on the code at the commit that"
-             " changed this file; ratios are medians over repeats, measured in one process with the baseline interleaved.", ""]
+             " changed this file; ratios are medians over repeats, measured in one process with the baseline interleaved."
+             " The machine is shared and noisy (2 CPU cores); treat differences under about 10% as noise."
+             " What the numbers say, including where adacache is not ahead, is summarised in [docs/findings.md](docs/findings.md).", ""]
     core = out / "core_speed.json"
     if core.exists():
         c = json.loads(core.read_text())
@@ -71,6 +73,10 @@ def main(out_dir: str, target: str) -> None:
     if bench.exists():
         r = json.loads(bench.read_text())
         quality, speed, overhead = _rows(r["quality"]), _rows(r["speed"]), _rows(r.get("overhead", []))
+        if r["machine"].get("relabelled"):
+            parts_note = f"Note: {r['machine']['relabelled']}."
+        else:
+            parts_note = ""
         if (out / "overhead.json").exists():  # a separate overhead run supersedes the bench's own
             overhead = _rows(json.loads((out / "overhead.json").read_text()))
         settings = r["machine"].get("settings", {})
@@ -80,7 +86,7 @@ def main(out_dir: str, target: str) -> None:
                   " PSNR / SSIM / feature distance against full computation of the same seeds; class accuracy and FD-digits"
                   " from the shipped digit classifier (no LPIPS / Inception weights can be downloaded here, so its features stand in).",
                   f" Versions: {r['machine']['versions']}; {r['machine']['processor']}, {r['machine']['torch_threads']} torch threads;"
-                  f" run took {r['machine'].get('elapsed_s')} s.", "",
+                  f" run took {r['machine'].get('elapsed_s')} s. {parts_note}", "",
                   report.quality_table(quality), "", "### At matched speedups", report.matched_table(quality), "",
                   "![Pareto plot](docs/pareto.png)", ""]
         if speed:

@@ -87,7 +87,7 @@ def reference_adacorrection_fora(model, inputs, interval, gamma, accept, veto, b
 def test_adacorrection_matches_hand_written_loop(accept, veto, band):
     model, inputs, n_blocks = FAMILIES["tiny_dit"]()
     expected, reused = reference_adacorrection_fora(model, inputs, 3, 1.0, accept, veto, band)
-    policy = adacache.AdaCorrection(base=adacache.FORA(interval=3), accept=accept, veto=veto, band=band)
+    policy = adacache.AdaCorrection(base=adacache.FORA(interval=3, reuse="residual"), accept=accept, veto=veto, band=band)
     cached = adacache.compile(model, policy, example_inputs=((), inputs(TIMESTEPS[0])))
     executed = []
     with torch.no_grad():

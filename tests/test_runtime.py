@@ -54,8 +54,9 @@ def _embed(model, kw):
     return h, c
 
 
-def reference_fora(model, inputs, interval):
-    """FORA written out by hand: residual reuse of every block for interval-1 of interval steps."""
+def reference_fora(model, inputs, interval, reuse_form="residual"):
+    """FORA written out by hand: every block reused for interval-1 of interval steps, as its
+    residual added to the current input, or as its stale output."""
     cache: dict[int, torch.Tensor] = {}
     outs = []
     with torch.no_grad():
@@ -64,10 +65,10 @@ def reference_fora(model, inputs, interval):
             reuse = step % interval != 0
             for i, block in enumerate(model.blocks):
                 if reuse:
-                    h = h + cache[i]
+                    h = h + cache[i] if reuse_form == "residual" else cache[i]
                 else:
                     out = block(h, c)
-                    cache[i] = out - h
+                    cache[i] = out - h if reuse_form == "residual" else out
                     h = out
             outs.append(_final(model, h, c))
     return outs
@@ -101,11 +102,12 @@ def reference_first_block_cache(model, inputs, threshold):
     return outs, reused
 
 
-def test_fora_matches_hand_written_loop_and_skips_blocks():
+@pytest.mark.parametrize("reuse_form", ["residual", "output"])
+def test_fora_matches_hand_written_loop_and_skips_blocks(reuse_form):
     model, inputs, n_blocks = tiny()
-    expected = reference_fora(model, inputs, interval=3)
+    expected = reference_fora(model, inputs, interval=3, reuse_form=reuse_form)
     # Capture up front: tracing runs the model on fake tensors, which the counter would see.
-    cached = adacache.compile(model, adacache.FORA(interval=3), example_inputs=((), inputs(TIMESTEPS[0])))
+    cached = adacache.compile(model, adacache.FORA(interval=3, reuse=reuse_form), example_inputs=((), inputs(TIMESTEPS[0])))
     executed = []
     with torch.no_grad():
         for step, t in enumerate(TIMESTEPS):

@@ -13,7 +13,7 @@ FULL_POLICIES = (
     "FORA(interval=2, granularity='module')", "FORA(interval=3, granularity='module')", "FORA(interval=5, granularity='module')",
     "FirstBlockCache(0.03)", "FirstBlockCache(0.05)", "FirstBlockCache(0.08)", "FirstBlockCache(0.12)", "FirstBlockCache(0.2)",
     "FirstBlockCache(0.08, tail_blocks=1)",
-    "FORA(interval=3, reuse='output')",
+    "FORA(interval=3, reuse='residual')",
     "TaylorSeer(order=1, interval=3)", "TaylorSeer(order=1, interval=5)", "TaylorSeer(order=2, interval=5)",
     "TaylorSeer(order=1, interval=5, granularity='block')",
     "TeaCache(0.1)", "TeaCache(0.2)", "TeaCache(0.4)",
@@ -29,7 +29,8 @@ def add_bench_parser(sub: Any) -> None:
         help="speed and fidelity of policies vs full computation (and vs diffusers / cache-dit with --anchors)",
         description="Runs policies x settings on the reference model (quality and speed) and on DiT-S/2 / DiT-B/2 "
         "sized random-weight models (speed only). Writes results.json, results.md and pareto.png. "
-        "--quick takes about 2 minutes on 2 CPU cores; the full matrix about 45 minutes.",
+        "Measured on 2 CPU cores: --anchors --samples 100 --guidance 4.0 took 26 minutes (BENCHMARKS.md); the default "
+        "(200 samples, CFG 4.0 and 1.5, speed track on DiT-S/2 and DiT-B/2) takes roughly three times that.",
     )
     p.add_argument("--quick", action="store_true", help="3 policies, 20 samples, CFG 4.0 only, no speed track")
     p.add_argument("--anchors", action="store_true", help="also run diffusers' cache hooks and cache-dit on the same weights")
