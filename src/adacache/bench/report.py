@@ -92,14 +92,18 @@ def pareto_plot(rows: Sequence[Row], path: str | Path) -> Path | None:
         return None
     scales = sorted({r.guidance for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(scales), figsize=(6.5 * len(scales), 4.8), squeeze=False)
+    families = sorted({r.family for r in rows if r.family != "full"})
+    colors = plt.get_cmap("tab20")
     for ax, guidance in zip(axes[0], scales):
-        for family in sorted({r.family for r in rows if r.family != "full"}):
+        for index, family in enumerate(families):
             pts = sorted(
                 (r.speedup, r.psnr) for r in rows
                 if r.guidance == guidance and r.family == family and r.speedup and r.psnr is not None and math.isfinite(r.psnr)
             )
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+                ours = family.startswith("adacache")  # adacache solid with dots, the anchors dashed with crosses
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if ours else "x",
+                        linestyle="-" if ours else "--", color=colors(index % 20), label=family)
         ax.set_xlabel("wall-clock speedup vs full computation")
         ax.set_ylabel("PSNR vs full computation (dB)")
         ax.set_title(f"CFG {guidance}")
