@@ -81,9 +81,9 @@ def test_taylorseer_matches_hand_written_loop(order):
 def test_order_zero_is_fora_and_memory_grows_with_order():
     model, inputs, _ = FAMILIES["tiny_dit"]()
     fora = denoise(adacache.compile(model, adacache.FORA(interval=3, granularity="module")), inputs)
-    taylor0 = adacache.compile(model, adacache.TaylorSeer(order=0, interval=3, warmup=0))
+    taylor0 = adacache.compile(model, adacache.TaylorSeer(order=0, interval=3, warmup=0, granularity="module"))
     assert all(torch.equal(a, b) for a, b in zip(fora, denoise(taylor0, inputs)))
-    taylor2 = adacache.compile(model, adacache.TaylorSeer(order=2, interval=3))
+    taylor2 = adacache.compile(model, adacache.TaylorSeer(order=2, interval=3, granularity="module"))
     denoise(taylor2, inputs)
     assert adacache.summary(taylor2).cache_bytes > 2.9 * adacache.summary(taylor0).cache_bytes
 

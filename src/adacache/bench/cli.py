@@ -14,11 +14,11 @@ FULL_POLICIES = (
     "FirstBlockCache(0.03)", "FirstBlockCache(0.05)", "FirstBlockCache(0.08)", "FirstBlockCache(0.12)", "FirstBlockCache(0.2)",
     "FirstBlockCache(0.08, tail_blocks=1)",
     "FORA(interval=3, reuse='residual')",
-    "TaylorSeer(order=1, interval=3)", "TaylorSeer(order=1, interval=5)", "TaylorSeer(order=2, interval=5)",
-    "TaylorSeer(order=1, interval=5, granularity='block')",
+    "TaylorSeer(order=1, interval=3, granularity='module')", "TaylorSeer(order=1, interval=5, granularity='module')",
+    "TaylorSeer(order=2, interval=5, granularity='module')", "TaylorSeer(order=1, interval=5)",
     "TeaCache(0.1)", "TeaCache(0.2)", "TeaCache(0.4)",
     "AdaCorrection(base=FORA(interval=3))", "AdaCorrection(base=FirstBlockCache(0.08))",
-    "AdaCorrection(base=FirstBlockCache(0.12), accept=0.05)", "AdaCorrection(base=TaylorSeer(order=1, interval=5))",
+    "AdaCorrection(base=FirstBlockCache(0.12), accept=0.05)", "AdaCorrection(base=TaylorSeer(order=1, interval=5, granularity='module'))",
 )
 
 

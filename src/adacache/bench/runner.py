@@ -120,7 +120,7 @@ def _family(policy: Policy) -> str:
     base = getattr(policy, "base", None)
     name = type(policy).__name__ + (f"+{type(base).__name__}" if isinstance(base, Policy) else "")
     granularity = getattr(policy, "granularity", "block")
-    return f"adacache {name}" + (" (module)" if granularity == "module" and name != "TaylorSeer" else "")
+    return f"adacache {name}" + (" (module)" if granularity == "module" else "")
 
 
 def _policy_stats(cached: Any) -> dict[str, Any]:
