@@ -76,8 +76,10 @@ def main(out_dir: str, target: str) -> None:
             parts_note = f"Note: {r['machine']['relabelled']}."
         else:
             parts_note = ""
-        if (out / "overhead.json").exists():  # a separate overhead run supersedes the bench's own
-            overhead = _rows(json.loads((out / "overhead.json").read_text()))
+        if (out / "overhead.json").exists():  # a separate overhead run adds models (or replaces the bench's rows for them)
+            extra = _rows(json.loads((out / "overhead.json").read_text()))
+            models = {r.note for r in extra}
+            overhead = [r for r in overhead if r.note not in models] + extra
         settings = r["machine"].get("settings", {})
         parts += ["## Reference model: fidelity and speed, adacache and the systems in use today", "",
                   f"`adacache bench --anchors --samples {settings.get('samples')} --guidance {' '.join(map(str, settings.get('guidance', [])))}"
