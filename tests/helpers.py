@@ -58,3 +58,16 @@ def assert_onnx_matches_eager(cached: torch.nn.Module, inputs: Callable[[torch.T
             got = engine(**{k: v.numpy() for k, v in feeds.items()})["output_0"]
             assert abs(got - expected).max() < atol, f"timestep {float(t)}"
     return engine
+
+
+def run_against_reference(cached: torch.nn.Module, inputs: Callable[[torch.Tensor], dict[str, Any]], timesteps: torch.Tensor, expected: list[torch.Tensor], atol: float = 1e-5) -> list[int]:
+    """Call ``cached`` over ``timesteps``, check each output against a hand-written
+    reference, and return how many attention kernels ran at each step."""
+    counts = []
+    with torch.no_grad():
+        for step, t in enumerate(timesteps):
+            with CountAttention() as counter:
+                out = cached(**inputs(t))
+            counts.append(counter.count)
+            assert torch.allclose(out, expected[step], atol=atol, rtol=0), f"step {step}"
+    return counts

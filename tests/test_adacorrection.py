@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import adacache
 from adacache import ops
 from families import FAMILIES
-from helpers import assert_onnx_matches_eager, CountAttention, denoise
+from helpers import run_against_reference, assert_onnx_matches_eager, denoise
 from test_runtime import TIMESTEPS, _embed, _final
 
 
@@ -89,13 +89,7 @@ def test_adacorrection_matches_hand_written_loop(accept, veto, band):
     expected, reused = reference_adacorrection_fora(model, inputs, 3, 1.0, accept, veto, band)
     policy = adacache.AdaCorrection(base=adacache.FORA(interval=3, reuse="residual"), accept=accept, veto=veto, band=band)
     cached = adacache.compile(model, policy, example_inputs=((), inputs(TIMESTEPS[0])))
-    executed = []
-    with torch.no_grad():
-        for step, t in enumerate(TIMESTEPS):
-            with CountAttention() as counter:
-                out = cached(**inputs(t))
-            executed.append(counter.count)
-            assert torch.allclose(out, expected[step], atol=1e-5), f"step {step}"
+    executed = run_against_reference(cached, inputs, TIMESTEPS, expected)
     got = [[rec["reused"][f"site_{i}"] for i in range(n_blocks)] for rec in adacache.summary(cached).per_step]
     assert got == reused
     assert executed == [n_blocks - sum(flags) for flags in reused], "a reused block does not run"

@@ -10,7 +10,7 @@ import torch
 import adacache
 from adacache.models.dit import modulate, timestep_embedding
 from families import FAMILIES
-from helpers import CountAttention, denoise, output_tensor
+from helpers import run_against_reference, denoise, output_tensor
 
 TIMESTEPS = torch.linspace(950, 50, 8)
 
@@ -108,13 +108,7 @@ def test_fora_matches_hand_written_loop_and_skips_blocks(reuse_form):
     expected = reference_fora(model, inputs, interval=3, reuse_form=reuse_form)
     # Capture up front: tracing runs the model on fake tensors, which the counter would see.
     cached = adacache.compile(model, adacache.FORA(interval=3, reuse=reuse_form), example_inputs=((), inputs(TIMESTEPS[0])))
-    executed = []
-    with torch.no_grad():
-        for step, t in enumerate(TIMESTEPS):
-            with CountAttention() as counter:
-                out = cached(**inputs(t))
-            executed.append(counter.count)
-            assert torch.allclose(out, expected[step], atol=1e-5, rtol=0), f"step {step}"
+    executed = run_against_reference(cached, inputs, TIMESTEPS, expected)
     # Attention runs once per computed block: all blocks at steps 0, 3, 6; none in between.
     assert executed == [n_blocks if s % 3 == 0 else 0 for s in range(len(TIMESTEPS))]
     summary = adacache.summary(cached)

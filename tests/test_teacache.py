@@ -9,7 +9,7 @@ import torch
 import adacache
 from adacache import ops
 from families import FAMILIES
-from helpers import assert_onnx_matches_eager, CountAttention, denoise
+from helpers import run_against_reference, assert_onnx_matches_eager, denoise
 from test_runtime import TIMESTEPS, _embed, _final
 from adacache.models.dit import modulate
 
@@ -62,13 +62,7 @@ def test_teacache_matches_hand_written_loop(threshold):
     coefficients = (0.5, 0.02)
     expected, reused = reference_teacache(model, inputs, threshold, coefficients, warmup=1)
     cached = adacache.compile(model, adacache.TeaCache(threshold, coefficients=coefficients), example_inputs=((), inputs(TIMESTEPS[0])))
-    counts = []
-    with torch.no_grad():
-        for step, t in enumerate(TIMESTEPS):
-            with CountAttention() as counter:
-                out = cached(**inputs(t))
-            counts.append(counter.count)
-            assert torch.allclose(out, expected[step], atol=1e-5), f"step {step}"
+    counts = run_against_reference(cached, inputs, TIMESTEPS, expected)
     assert [r["reused"]["site_0"] for r in adacache.summary(cached).per_step] == reused
     assert counts == [0 if r else n_blocks for r in reused]
     if threshold == 0.6:
