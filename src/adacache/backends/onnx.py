@@ -103,8 +103,6 @@ def export_onnx(
     ]
     states = program.initial_state(device)
 
-    example_out = program.captured.unflatten_outputs(list(range(layout.num_user_outputs)))
-    del example_out  # structure only; names below follow the flat order
     user_out_names = [f"output_{i}" for i in range(layout.num_user_outputs)]
     state_out_names = [f"{s.name}__out" for s in layout.states]
     input_names = [*user_names, *layout.controls, *(s.name for s in layout.states)]

@@ -12,7 +12,7 @@ Order, in the spirit of PT2E quantization (annotate -> insert -> lower):
 
 from .find_blocks import find_blocks
 from .insert_cache import CacheLayout, StateSpec, insert_cache_nodes, outline_sites
-from .lower import branch, lower_cond_to_python, raise_python_branch_to_cond
+from .lower import branch, lower_cond_to_python
 from .outline import outline_region
 from .regions import Region
 
@@ -26,5 +26,4 @@ __all__ = [
     "lower_cond_to_python",
     "outline_region",
     "outline_sites",
-    "raise_python_branch_to_cond",
 ]

@@ -55,13 +55,3 @@ def hoist_attributes(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def raise_python_branch_to_cond(gm: fx.GraphModule) -> fx.GraphModule:
-    """The inverse of :func:`lower_cond_to_python`, for handing an eager graph to export."""
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is branch:
-            node.target = torch.ops.higher_order.cond
-    gm.graph.lint()
-    gm.recompile()
-    return gm
