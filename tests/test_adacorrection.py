@@ -114,3 +114,116 @@ def test_adacorrection_exports_to_onnx(tmp_path):
     cached = adacache.compile(model, adacache.AdaCorrection(base=adacache.FORA(interval=3), veto=0.6, band=True))
     engine = assert_onnx_matches_eager(cached, inputs, TIMESTEPS, tmp_path / "ac")
     assert sum(engine.reused.values()) == round(adacache.summary(cached).hit_rate * 4 * len(TIMESTEPS))
+
+
+def test_spatial_term_without_lambda_is_not_computed_and_matches_std():
+    x = torch.randn(2, 5, 7, dtype=torch.float64)
+    cached = torch.randn(2, 5, 7, dtype=torch.float64)
+    temporal, spatial = ops.adacorrection_terms(x, cached)
+    assert torch.equal(ops.adacorrection_score(x, cached, 0.0), temporal)
+    scale = cached.norm(dim=-1).mean(dim=1)
+    assert torch.allclose(spatial.double(), x.std(dim=-1, unbiased=False).mean(dim=1) / scale, rtol=1e-5)
+
+
+def reference_offset_scales(model, inputs, steps):
+    """The calibration by hand: per block, median over consecutive steps of
+    (true relative error of residual reuse) / (temporal offset score), worst batch item."""
+    seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(len(model.blocks))}
+    hooks = [block.register_forward_hook(lambda m, a, o, i=i: seen[i].append((a[0].clone(), o.clone())))
+             for i, block in enumerate(model.blocks)]
+    denoise(model, inputs, steps=steps)
+    for h in hooks:
+        h.remove()
+    scales = {}
+    for i, calls in seen.items():
+        ratios = []
+        for (x0, y0), (x1, y1) in zip(calls, calls[1:]):
+            score = ops.adacorrection_terms(x1, x0)[0].max().item()
+            err = max(((x1[b] + (y0[b] - x0[b]) - y1[b]).norm() / (y1[b] - x1[b]).norm()).item() for b in range(x1.shape[0]))
+            ratios.append(err / score)
+        scales[f"blocks.{i}"] = float(np.median(ratios))
+    return scales
+
+
+def moving(inputs):
+    """The family's inputs with a latent that moves from step to step, as in sampling (the
+    offset score reads the block input, which a constant latent leaves still)."""
+    return lambda t: dict(inputs(t), x=inputs(t)["x"] * (1 + t / 500))
+
+
+def test_calibration_fits_a_scale_per_block_that_predicts_reuse_error():
+    model, still, _ = FAMILIES["tiny_dit"]()
+    inputs = moving(still)
+    policy = adacache.AdaCorrection(base=adacache.FORA(interval=3), veto=0.4)
+    fitted = adacache.calibrate(model, policy, lambda d: denoise(d, inputs, steps=6))
+    expected = reference_offset_scales(model, inputs, steps=6)
+    assert fitted.scales.keys() == expected.keys()
+    for name, value in expected.items():
+        assert fitted.scales[name] == pytest.approx(value, rel=1e-4)
+    assert fitted.calibrated and not policy.calibrated and fitted.veto == 0.4
+    # The scale multiplies gamma in each unit's rule.
+    cached = adacache.compile(model, fitted)
+    denoise(cached, inputs)
+    rules = {s.label: s.offset.gamma for s in cached.programs[0].cached_sites}
+    assert rules == pytest.approx(fitted.scales)
+
+
+def test_calibrated_scales_must_cover_the_model():
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    stale = adacache.AdaCorrection(base=adacache.FORA(interval=2), scales={"transformer_blocks.0": 2.0})
+    with pytest.raises(adacache.PolicyError, match="re-run adacache.calibrate"):
+        denoise(adacache.compile(model, stale), inputs)
+    with pytest.raises(ValueError, match="scales"):
+        adacache.AdaCorrection(scales={"blocks.0": -1.0})
+    with pytest.raises(adacache.PolicyError, match="does not move between steps"):
+        adacache.calibrate(model, adacache.AdaCorrection(base=adacache.FORA(interval=2)), lambda d: denoise(d, inputs))  # a constant latent
+    with pytest.raises(adacache.PolicyError, match="nothing to calibrate"):
+        adacache.calibrate(model, adacache.FORA(interval=2), lambda d: denoise(d, inputs))
+
+
+def test_offset_corrected_reuse_is_the_default_and_base_form_is_an_option():
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    forms = {}
+    for reuse in ("residual", "base"):
+        cached = adacache.compile(model, adacache.AdaCorrection(base=adacache.FORA(interval=3), reuse=reuse))
+        denoise(cached, inputs)
+        forms[reuse] = {s.reuse for s in cached.programs[0].cached_sites}
+    assert forms == {"residual": {"residual"}, "base": {"output"}}
+
+
+def test_adacorrection_over_teacache_follows_its_gate_and_can_veto():
+    model, still, n_blocks = FAMILIES["tiny_dit"]()
+    inputs = moving(still)
+    tea = adacache.TeaCache(0.6, coefficients=(0.5, 0.02))
+    plain = adacache.compile(model, tea)
+    expected = denoise(plain, inputs)
+    base_steps = [r["reused"]["site_0"] for r in adacache.summary(plain).per_step]
+    assert sum(base_steps) >= 2
+    # veto=1 never vetoes: every block follows the TeaCache gate of the first one.
+    composed = adacache.compile(model, adacache.AdaCorrection(base=tea, veto=1.0))
+    got = denoise(composed, inputs)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-6)
+    sites = composed.programs[0].cached_sites
+    assert [s.follows for s in sites] == [None] + ["site_0"] * (n_blocks - 1)
+    assert sites[0].probe is not None and all(s.probe is None for s in sites[1:])
+    per_step = adacache.summary(composed).per_step
+    assert [[r["reused"][s.name] for s in sites] for r in per_step] == [[b] * n_blocks for b in base_steps]
+    # A tight veto refuses the gate's proposals.
+    strict = adacache.compile(model, adacache.AdaCorrection(base=tea, veto=1e-6))
+    denoise(strict, inputs)
+    assert adacache.summary(strict).hit_rate < adacache.summary(composed).hit_rate
+
+
+def test_blend_band_over_a_taylor_forecast_runs_and_weight_one_is_the_fresh_output():
+    model, still, _ = FAMILIES["tiny_dit"]()
+    inputs = moving(still)
+    expected = denoise(model, inputs)
+    # gamma this large puts every weight at 1: nothing is reused and the blend returns the fresh output.
+    cached = adacache.compile(model, adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=3), gamma=1e9, veto=1.0, band=True))
+    for a, b in zip(denoise(cached, inputs), expected):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert adacache.summary(cached).hit_rate == 0.0
+    # A moderate weight blends the forecast in: the output moves away from full computation.
+    blended = adacache.compile(model, adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=3), gamma=2.0, veto=1.0, band=True))
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(denoise(blended, inputs), expected))

@@ -39,3 +39,20 @@ def test_matched_table_takes_best_psnr_at_or_above_each_speedup():
     line_b = next(line for line in table.splitlines() if line.startswith("| fam B"))
     assert line_b.count("—") == 3
     assert "| a2 | 2.20x | 31.00 |" in quality_table(rows)
+
+
+def test_bench_policy_expressions_mark_what_to_calibrate():
+    import pytest
+
+    import adacache
+    from adacache.bench.cli import parse_bench_policy
+    from adacache.bench.runner import _family
+    from adacache.bench.tracks import Calibrated
+
+    wrapped = parse_bench_policy("calibrated(AdaCorrection(base=FORA(interval=3), veto=0.2))")
+    assert isinstance(wrapped, Calibrated) and wrapped.policy == adacache.AdaCorrection(base=adacache.FORA(interval=3), veto=0.2)
+    assert parse_bench_policy("TeaCache(0.1)") == adacache.TeaCache(0.1)
+    assert _family(adacache.TeaCache(0.1, coefficients=(2.0, 0.0))) == "adacache TeaCache (calibrated)"
+    assert _family(adacache.TeaCache(0.1)) == "adacache TeaCache"
+    with pytest.raises(adacache.PolicyError):
+        parse_bench_policy("calibrated(Nope())")

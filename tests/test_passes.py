@@ -11,7 +11,8 @@ from torch import fx
 import adacache
 from adacache.capture import capture
 from adacache.passes import find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites
-from adacache.passes.lower import branch
+from adacache.passes.lower import branch, drop_state_copies
+from adacache.runtime.program import copy_graph_module
 from families import FAMILIES
 
 
@@ -133,6 +134,24 @@ def test_eager_lowering_swaps_only_the_conds():
     changed = [(a, b) for a, b in zip(before, after) if a != b]
     assert len(changed) == 4
     assert all(a[1] is torch.ops.higher_order.cond and b[1] is branch for a, b in changed)
+
+
+def test_eager_lowering_drops_only_the_state_copies_cond_forces():
+    model, cap, _ = _captured("tiny_dit")
+    gm = cap.graph_module
+    sites = adacache.FORA(interval=2).plan(find_blocks(gm, model))
+    insert_cache_nodes(outline_sites(gm, sites), sites)
+
+    def clones(module):
+        return sum(1 for n in module.graph.nodes if n.op == "call_method" and n.target == "clone")
+
+    portable = {name: clones(m) for name, m in gm.named_children() if name.endswith("_reuse")}
+    lowered = drop_state_copies(lower_cond_to_python(copy_graph_module(gm)))
+    after = {name: clones(m) for name, m in lowered.named_children() if name.endswith("_reuse")}
+    # FORA (output reuse) keeps one state tensor per site: its copy goes, the output copy stays.
+    assert portable == {f"site_{i}_reuse": 2 for i in range(4)}
+    assert after == {f"site_{i}_reuse": 1 for i in range(4)}
+    assert {name: clones(m) for name, m in gm.named_children() if name.endswith("_reuse")} == portable, "portable graph untouched"
 
 
 def test_user_block_pattern_overrides_search():

@@ -317,6 +317,10 @@ def test_summary_reports_hits_flops_and_memory():
     text = str(summary)
     assert "hit rate 50.0%" in text and "blocks.3" in text
     assert output_tensor(torch.zeros(1)).shape == (1,)
+    with torch.inference_mode():  # FLOP counting must not need autograd
+        fresh = adacache.compile(model, adacache.FORA(interval=2))
+        denoise(fresh, inputs)
+        assert adacache.summary(fresh).flops_skipped == pytest.approx(summary.flops_skipped)
 
 
 def test_nocache_outlines_every_block_and_keeps_no_state():

@@ -10,10 +10,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import ops
 from .api import compile as compile_model
 from .api import session
 from .errors import PolicyError
+from .policies.adacorrection import AdaCorrection
+from .policies.base import Policy, SitePlan
 from .policies.teacache import TeaCache
+from .runtime.module import CachedModule
+from .stepping import StepTracker
 
 
 class _Recorder(nn.Module):
@@ -37,18 +42,31 @@ class _Recorder(nn.Module):
             return getattr(super().__getattr__("inner"), name)
 
 
-def calibrate(model: nn.Module, policy: TeaCache, run: Callable[[nn.Module], Any], degree: int = 4) -> TeaCache:
-    """Fit TeaCache's rescaling polynomial on ``model`` and return the policy with it.
+def calibrate(model: nn.Module, policy: Policy, run: Callable[[nn.Module], Any], degree: int = 4) -> Policy:
+    """Fit a policy's model-specific parameters from one full-computation run of ``model``.
 
-    ``run(denoiser)`` must perform one generation with full computation semantics (for
-    example ``lambda d: sample(d, labels, num_steps=50)``); the denoiser it receives
-    computes every block while recording, per step, the relative L1 change of the
-    modulated input (TeaCache's signal, x) and of the model output (what it should
-    predict, y). ``numpy.polyfit(x, y, degree)`` gives the coefficients, stored on the
-    returned policy (highest degree first).
+    ``run(denoiser)`` must perform one generation (for example
+    ``lambda d: sample(d, labels, num_steps=50)``); the denoiser it receives computes every
+    block while recording. Supported:
+
+    * :class:`TeaCache`: the rescaling polynomial (``degree``) that maps the change of the
+      first block's modulated input to the change of the model output;
+    * :class:`AdaCorrection`: one scale per cached unit, so that ``scale * S`` estimates the
+      relative error of reusing that unit's cache (see :func:`fit_offset_scales`).
+
+    Returns a copy of ``policy`` with the fitted parameters.
     """
-    if not isinstance(policy, TeaCache):
-        raise PolicyError(f"calibrate fits TeaCache's coefficients; got {type(policy).__name__}")
+    if isinstance(policy, TeaCache):
+        return _calibrate_teacache(model, policy, run, degree)
+    if isinstance(policy, AdaCorrection):
+        return dataclasses.replace(policy, scales=fit_offset_scales(model, policy, run))
+    raise PolicyError(f"calibrate fits TeaCache and AdaCorrection; {type(policy).__name__} has nothing to calibrate")
+
+
+def _calibrate_teacache(model: nn.Module, policy: TeaCache, run: Callable[[nn.Module], Any], degree: int) -> TeaCache:
+    """TeaCache: per step, the relative L1 change of the modulated input (the signal, x) and
+    of the model output (what it should predict, y); ``numpy.polyfit(x, y, degree)`` gives
+    the coefficients (highest degree first)."""
     probe = TeaCache(threshold=policy.threshold, coefficients=(1.0, 0.0), warmup=2**31 - 1)  # never reuse
     cached = compile_model(model, probe)
     recorder = _Recorder(cached)
@@ -67,3 +85,138 @@ def calibrate(model: nn.Module, policy: TeaCache, run: Callable[[nn.Module], Any
         raise PolicyError(f"calibration saw {len(xs)} step pairs, fewer than needed for a degree-{degree} fit; run more steps")
     coefficients = np.polyfit(np.asarray(xs), np.asarray(ys), degree)
     return dataclasses.replace(policy, coefficients=tuple(float(c) for c in coefficients))
+
+
+class _UnitRecorder(nn.Module):
+    """Runs the original model with full computation and, per call, compares every cached
+    unit's input and output with those of the same call slot one step earlier.
+
+    Only the previous step is kept (per slot and unit), so memory does not grow with the
+    number of steps.
+    """
+
+    def __init__(self, model: nn.Module, policy: AdaCorrection, planner: CachedModule) -> None:
+        super().__init__()
+        self.model = model
+        self.policy = policy
+        self.planner = planner
+        self.tracker = StepTracker()
+        self.sites: list[SitePlan] = []
+        self.hooks: list[Any] = []
+        self.previous: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pairs: dict[str, list[tuple[float, float]]] = {}
+        self._slot = 0
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.sites:
+            self._attach(self.planner.prepare(*args, **kwargs))
+        self.tracker.advance(self.planner._timestep_of(args, kwargs))
+        self._slot = self.tracker.slot
+        if self.tracker.step == 0:
+            self.previous = {k: v for k, v in self.previous.items() if k[0] != self._slot}
+        return self.model(*args, **kwargs)
+
+    def _attach(self, program: Any) -> None:
+        self.sites = program.cached_sites
+        for site in self.sites:
+            name = site.regions[0].name
+            try:
+                module = self.model.get_submodule(name)
+            except AttributeError as exc:
+                raise PolicyError(
+                    f"calibrating AdaCorrection needs each cached unit to be a submodule; {name!r} is not one of "
+                    f"{type(self.model).__name__}'s submodules"
+                ) from exc
+            self.pairs[name] = []
+            self.hooks.append(module.register_forward_hook(self._hook(name, site.reuse), with_kwargs=True))
+
+    def _hook(self, name: str, reuse: str) -> Callable[..., None]:
+        lam = self.policy.lam if self.policy.score == "paper" else 0.0
+
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            x = _stream_input(args, kwargs)
+            y = _stream_output(output, x)
+            if x is None or y is None:
+                raise PolicyError(f"calibrating AdaCorrection: {name} has no tensor input or output to compare")
+            x, y = x.detach().float(), y.detach().float()
+            key = (self._slot, name)
+            if key in self.previous and self.previous[key][0].shape == x.shape:
+                x_prev, y_prev = self.previous[key]
+                score = float(ops.adacorrection_score(x, x_prev, lam).max())  # worst item, as the graph decides
+                self.pairs[name].append((score, _reuse_error(x, y, x_prev, y_prev, reuse)))
+            self.previous[key] = (x.clone(), y.clone())
+
+        return record
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _stream_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    value = kwargs.get("hidden_states")
+    if isinstance(value, torch.Tensor):
+        return value
+    return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+
+def _stream_output(output: Any, like: torch.Tensor | None) -> torch.Tensor | None:
+    """The unit's output on the same stream as its input (a joint block returns two)."""
+    tensors = [output] if isinstance(output, torch.Tensor) else [o for o in (output if isinstance(output, (tuple, list)) else ()) if isinstance(o, torch.Tensor)]
+    if like is not None:
+        same = [t for t in tensors if t.shape == like.shape]
+        if same:
+            return same[-1]
+    return tensors[0] if tensors else None
+
+
+def _reuse_error(x: torch.Tensor, y: torch.Tensor, x_prev: torch.Tensor, y_prev: torch.Tensor, reuse: str) -> float:
+    """Relative error of reusing the previous step's cache now, worst batch item:
+    ``||reused - y|| / ||y - x||`` with ``reused`` the stale output, or the current input plus
+    the stale residual."""
+    reused = y_prev if reuse == "output" else x + (y_prev - x_prev)
+    dims = tuple(range(1, x.dim()))
+    err = torch.linalg.vector_norm(reused - y, dim=dims) / torch.linalg.vector_norm(y - x, dim=dims).clamp_min(1e-12)
+    return float(err.max())
+
+
+def fit_offset_scales(model: nn.Module, policy: AdaCorrection, run: Callable[[nn.Module], Any]) -> dict[str, float]:
+    """Per cached unit, the factor that turns its offset score into an estimate of its reuse error.
+
+    One full-computation run records, for every unit and every pair of consecutive steps,
+    the offset score ``S`` of the unit's input against the previous step's (the score the
+    policy computes) and the true relative error of reusing the previous step's cache in the
+    unit's reuse form. The scale is the median of ``error / S``. On the reference model this
+    lifts the rank correlation of score and error within a step, across blocks, from +0.14 to
+    +0.52 (residual reuse) and +0.40 to +0.93 (output reuse) on held-out seeds
+    (BENCHMARKS.md), because blocks differ several-fold in how much error a given input drift
+    causes.
+    """
+    planner = compile_model(model, dataclasses.replace(policy, scales={}))
+    recorder = _UnitRecorder(model, policy, planner)
+    try:
+        with torch.inference_mode():
+            run(recorder)
+    finally:
+        recorder.close()
+    if not recorder.sites:
+        raise PolicyError("calibration saw no model call: run(denoiser) must call the denoiser it is given")
+    scales = {}
+    for name, pairs in recorder.pairs.items():
+        if pairs and all(s <= 1e-12 for s, _ in pairs) and any(e > 1e-6 for _, e in pairs):
+            raise PolicyError(
+                f"the offset score of {name} was 0 at every step while reusing its cache changed its output: its "
+                "input does not move between steps (what changes is another input, e.g. the timestep embedding), "
+                "so AdaCorrection's score cannot judge it; use TeaCache, whose signal is the modulated input"
+            )
+        ratios = [e / s for s, e in pairs if s > 1e-12 and np.isfinite(s) and np.isfinite(e)]
+        if len(ratios) < 2:
+            raise PolicyError(f"calibration saw {len(ratios)} usable step pairs for {name}; run at least 3 steps")
+        scales[name] = float(np.median(ratios))
+    return scales

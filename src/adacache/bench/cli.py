@@ -34,7 +34,8 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--quick", action="store_true", help="3 policies, 20 samples, CFG 4.0 only, no speed track")
     p.add_argument("--anchors", action="store_true", help="also run diffusers' cache hooks and cache-dit on the same weights")
-    p.add_argument("--policies", nargs="*", help="policy expressions (default: the built-in matrix)")
+    p.add_argument("--policies", nargs="*", help="policy expressions, or calibrated(<policy>) to fit TeaCache / AdaCorrection "
+                   "on the bench's sampler first (default: the built-in matrix)")
     p.add_argument("--samples", type=int, help="images scored per setting (default 200, quick 20)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, nargs="*", help="CFG scales (default 4.0 1.5, quick 4.0)")
@@ -48,9 +49,20 @@ def add_bench_parser(sub: Any) -> None:
     p.set_defaults(func=run_bench)
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def parse_bench_policy(text: str) -> Any:
+    """A policy expression, or ``calibrated(<policy>)``: fitted with ``adacache.calibrate`` on the
+    bench's sampler at each guidance scale, on seeds disjoint from the scored ones."""
     from adacache.policies.parse import parse_policy
 
+    from .tracks import Calibrated
+
+    stripped = text.strip()
+    if stripped.startswith("calibrated(") and stripped.endswith(")"):
+        return Calibrated(parse_policy(stripped[len("calibrated("):-1]))
+    return parse_policy(stripped)
+
+
+def run_bench(args: argparse.Namespace) -> int:
     from . import report, tracks
     from .runner import machine_info
 
@@ -59,7 +71,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    policies = [(text, parse_policy(text)) for text in (args.policies or (QUICK_POLICIES if args.quick else FULL_POLICIES))]
+    policies = [(text, parse_bench_policy(text)) for text in (args.policies or (QUICK_POLICIES if args.quick else FULL_POLICIES))]
     settings = tracks.QualitySettings(
         samples=args.samples or (20 if args.quick else 200),
         timing_samples=min(20, args.samples or 20),
@@ -72,7 +84,8 @@ def run_bench(args: argparse.Namespace) -> int:
         extra = _anchor_variants(quick=args.quick)
     quality = tracks.quality_track(policies, settings, extra)
     speed_models = args.speed_models if args.speed_models is not None else ([] if args.quick else ["dit-s", "dit-b"])
-    speed = tracks.speed_track(policies[:3], speed_models, steps=args.steps, repeats=settings.repeats) if speed_models else []
+    plain = [(name, p) for name, p in policies if not isinstance(p, tracks.Calibrated)]
+    speed = tracks.speed_track(plain[:3], speed_models, steps=args.steps, repeats=settings.repeats) if speed_models else []
     overhead = []
     if args.overhead or (args.anchors and not args.quick):
         overhead = tracks.overhead_track(args.overhead_models, steps=min(args.steps, 20), repeats=settings.repeats, anchors=args.anchors)

@@ -120,7 +120,8 @@ def _family(policy: Policy) -> str:
     base = getattr(policy, "base", None)
     name = type(policy).__name__ + (f"+{type(base).__name__}" if isinstance(base, Policy) else "")
     granularity = getattr(policy, "granularity", "block")
-    return f"adacache {name}" + (" (module)" if granularity == "module" else "")
+    calibrated = getattr(policy, "calibrated", False)
+    return f"adacache {name}" + (" (module)" if granularity == "module" else "") + (" (calibrated)" if calibrated else "")
 
 
 def _policy_stats(cached: Any) -> dict[str, Any]:

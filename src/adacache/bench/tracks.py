@@ -29,9 +29,36 @@ class QualitySettings:
     repeats: int = 3
 
 
-def _named(policies: Sequence[Any]) -> list[tuple[str, Policy]]:
+@dataclass(frozen=True)
+class Calibrated:
+    """A policy to calibrate with :func:`adacache.calibrate` before it is scored.
+
+    The bench fits it once per guidance scale, on the bench's own sampler and on seeds
+    disjoint from the scored ones (``CALIBRATION_SEEDS``), so the scores are held-out.
+    """
+
+    policy: Policy
+
+    def describe(self) -> str:
+        return f"calibrated({self.policy.describe()})"
+
+
+CALIBRATION_SEEDS = tuple(range(10_000, 10_010))
+
+
+def _named(policies: Sequence[Any]) -> list[tuple[str, Any]]:
     """Accept policies or ``(name, policy)`` pairs; a bare policy is named by ``describe()``."""
     return [(p[0], p[1]) if isinstance(p, tuple) else (p.describe(), p) for p in policies]
+
+
+def prepare_policy(policy: Any, model: Any, steps: int, guidance: float) -> Policy:
+    """The policy itself, or for :class:`Calibrated` the policy fitted on ``model`` at this guidance."""
+    if not isinstance(policy, Calibrated):
+        return policy
+    from adacache.reference import sample
+
+    labels = [s % 10 for s in CALIBRATION_SEEDS]
+    return adacache.calibrate(model, policy.policy, lambda d: sample(d, labels, seeds=list(CALIBRATION_SEEDS), num_steps=steps, guidance_scale=guidance))
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -44,7 +71,7 @@ def _progress(total: int, desc: str) -> Any:
 
 
 def quality_track(
-    policies: Sequence[Policy | tuple[str, Policy]],
+    policies: Sequence[Policy | Calibrated | tuple[str, Policy | Calibrated]],
     settings: QualitySettings,
     extra_variants: Sequence[Variant] = (),
     model: Any = None,
@@ -58,10 +85,12 @@ def quality_track(
     seeds = list(range(settings.samples))
     timing_labels = labels[: settings.timing_samples]
     timing_seeds = seeds[: settings.timing_samples]
-    variants = [policy_variant(model, p, name) for name, p in _named(policies)] + list(extra_variants)
     baseline = Variant("full computation", "full", model)
     rows: list[Row] = []
     for guidance in settings.guidance:
+        # Built per guidance scale: a calibrated policy is fitted at the scale it is scored at.
+        variants = [policy_variant(model, prepare_policy(p, model, settings.steps, guidance), name) for name, p in _named(policies)]
+        variants += list(extra_variants)
         def generate(denoiser: Any, labels_: Sequence[int] = labels, seeds_: Sequence[int] = seeds) -> torch.Tensor:
             with torch.inference_mode():
                 return sample(denoiser, labels_, seeds=seeds_, num_steps=settings.steps, guidance_scale=guidance)

@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # policies import passes.regions; only the type is needed her
     from ..policies.base import SitePlan
 
 META_KEY = "adacache"
+# Marks a copy of cache state made only because a cond branch may not return its inputs.
+STATE_COPY = "adacache_state_copy"
 
 
 @dataclass
@@ -158,6 +160,7 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
     last_ph = placeholders[-1] if placeholders else None
     gates: dict[str, tuple[fx.Node, fx.Node]] = {}
     probe_state: dict[str, list[tuple[str, fx.Node, fx.Node]]] = {}
+    tea_gates: dict[str, fx.Node] = {}  # site -> its TeaCache gate, for the sites that follow it
 
     def new_placeholder(name: str) -> fx.Node:
         nonlocal last_ph
@@ -247,9 +250,13 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             outs = _outputs_of(g, call_, n_out)
             fresh = _fresh_state(g, site, region, ins, outs)
             if band:
-                # Eq. 7: blend the fresh output with the (offset-corrected) cache by w.
+                # Eq. 7: blend the fresh output with the (offset-corrected) cache by w; with a
+                # Taylor order the cache is what the reuse branch would have forecast.
                 weight = ps[-1]
-                stale = [st[i * n_terms] for i in range(n_out)]
+                if site.order:
+                    stale = [g.call_function(ops.taylor_forecast, (ps[n_params], *st[i * n_terms : (i + 1) * n_terms])) for i in range(n_out)]
+                else:
+                    stale = [st[i * n_terms] for i in range(n_out)]
                 if site.reuse == "residual":
                     stale = [g.call_function(ops.cache_load, (ins[region.streams[i]], c)) for i, c in enumerate(stale)]
                 outs = [g.call_function(ops.correct, (weight, c, o)) for c, o in zip(stale, outs)]
@@ -257,7 +264,7 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             if site.offset is not None:
                 kept_in = [g.call_method("clone", (ins[_score_index(region)],), {"memory_format": torch.contiguous_format})]
             if site.order:
-                update = ps[-1]
+                update = ps[n_params + 1]  # after the forecast coefficients (the band weight, if any, is last)
                 terms = []
                 for i in range(n_out):
                     new = g.call_function(ops.taylor_update, (update, fresh[i], *st[i * n_terms : (i + 1) * n_terms]))
@@ -275,8 +282,11 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
                 outs = [g.call_function(ops.cache_load, (ins[region.streams[i]], cached[i])) for i in range(n_out)]
             else:
                 outs = [g.call_method("clone", (c,)) for c in cached]
-            # cond branches may not return their inputs: hand back a copy of the cache.
+            # cond branches may not return their inputs: hand back a copy of the cache. The copy
+            # is tagged so that the eager lowering, which has no such rule, can drop it.
             kept = [g.call_method("clone", (s,), {"memory_format": torch.contiguous_format}) for s in st]
+            for node in kept:
+                node.meta[STATE_COPY] = True
             return [*_dense(g, outs), *kept, g.call_method("new_ones", (st[0], ()), {"dtype": torch.bool})]
 
         state_nodes = [*cache_nodes, *offset_in]
@@ -287,9 +297,12 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
                 passes = graph.call_function(ops.below, (score, site.threshold))
                 gate = graph.call_function(operator.and_, (passes, probe_valid))
                 pred = graph.call_function(operator.and_, (pred, gate))
+            if site.follows is not None:
+                pred = graph.call_function(operator.and_, (pred, tea_gates[site.follows]))
             if site.probe is not None:
                 gate_out = graph.call_function(ops.teacache_gate, (site.probe, tea[0], tea[1], tuple(site.coefficients), site.threshold))
                 passes, total, rescaled = (graph.call_function(operator.getitem, (gate_out, i)) for i in range(3))
+                tea_gates[site.name] = passes
                 pred = graph.call_function(operator.and_, (pred, passes))
                 signal_out.append(rescaled)
                 layout.signals.append(f"signal__{site.name}__score")

@@ -9,6 +9,7 @@ lowered to :func:`branch`, a plain Python ``if`` on the 0-d predicate.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,30 @@ def lower_cond_to_python(gm: fx.GraphModule) -> fx.GraphModule:
     if changed:
         gm.graph.lint()
         gm.recompile()
+    return gm
+
+
+def drop_state_copies(gm: fx.GraphModule) -> fx.GraphModule:
+    """Remove the cache-state copies that ``torch.cond`` forces on a reuse branch (eager only).
+
+    A cond branch may not return one of its inputs, so the cache pass hands back copies of the
+    cache state it passes through (tagged with ``STATE_COPY``). After
+    :func:`lower_cond_to_python` that rule is gone, and the state tensors are owned by the
+    runtime alone (nothing writes to them in place), so the branch can return them as they are.
+    """
+    from .insert_cache import STATE_COPY
+
+    for name, module in list(gm.named_children()):
+        if not isinstance(module, fx.GraphModule) or not any(n.meta.get(STATE_COPY) for n in module.graph.nodes):
+            continue
+        # A new branch module over a copied graph: the portable graph keeps its copies.
+        graph = copy.deepcopy(module.graph)
+        for node in list(graph.nodes):
+            if node.meta.get(STATE_COPY):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+        graph.lint()
+        setattr(gm, name, fx.GraphModule(module, graph, class_name=type(module).__name__))
     return gm
 
 

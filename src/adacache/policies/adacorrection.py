@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from ..errors import PolicyError
 from ..passes.regions import Region
 from .base import OffsetRule, Policy, SitePlan, check, policy_dataclass, span_label
 from .first_block import FirstBlockCache
@@ -35,6 +36,14 @@ class AdaCorrection(Policy):
         accept: reuse regardless of the base below this weight (0 disables).
         veto: refuse the base's reuse at or above this weight (1 keeps every proposal).
         band: blend computed outputs with the corrected cache (Eq. 7).
+        scales: per cached unit (by module name), the factor that turns its score into an
+            estimate of the relative error of reusing its cache; fitted from one full run by
+            ``adacache.calibrate(model, AdaCorrection(...), run)``. Empty: every unit uses 1.
+            With scales, ``w`` reads as "predicted relative reuse error", so ``veto`` and
+            ``accept`` are error tolerances.
+        reuse: ``residual`` reuses every unit's cache in the offset-corrected form (its
+            residual added to the current input), as the paper does; ``base`` keeps the
+            base's form (FORA reuses stale outputs by default).
     """
 
     base: Policy = dataclasses.field(default_factory=lambda: FirstBlockCache(0.08))
@@ -44,6 +53,8 @@ class AdaCorrection(Policy):
     accept: float = 0.0
     veto: float = 0.5
     band: bool = False
+    scales: dict[str, float] = dataclasses.field(default_factory=dict)
+    reuse: Literal["residual", "base"] = "residual"
 
     def __post_init__(self) -> None:
         name = "AdaCorrection"
@@ -55,6 +66,12 @@ class AdaCorrection(Policy):
         check(isinstance(self.veto, (int, float)) and 0 < self.veto <= 1, name, f"veto must be in (0, 1], got {self.veto!r}")
         check(self.accept <= self.veto, name, f"accept ({self.accept}) must not exceed veto ({self.veto})")
         check(isinstance(self.band, bool), name, f"band must be a bool, got {self.band!r}")
+        check(
+            isinstance(self.scales, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in self.scales.items()),
+            name, f"scales must map module names to positive numbers (see adacache.calibrate), got {self.scales!r}",
+        )
+        object.__setattr__(self, "scales", {k: float(v) for k, v in self.scales.items()})
+        check(self.reuse in ("residual", "base"), name, f"reuse must be 'residual' or 'base', got {self.reuse!r}")
 
     @property
     def granularity(self) -> str:  # type: ignore[override]
@@ -78,18 +95,45 @@ class AdaCorrection(Policy):
             if site.role != "cached":
                 sites.append(site)
                 continue
-            for region in site.regions:  # one decision per unit
-                sites.append(dataclasses.replace(site, label=span_label([region]), regions=(region,), offset=rule,
-                                                 blocks=(region.name,)))
-        probes = {}
+            for k, region in enumerate(site.regions):  # one decision per unit
+                unit_rule = dataclasses.replace(rule, gamma=rule.gamma * self._scale(region.name))
+                gate: dict[str, Any] = {}
+                if site.probe is not None and k > 0:
+                    # A TeaCache span: the first unit keeps the gate (its probe sits in that
+                    # unit), the others follow its verdict.
+                    gate = {"probe": None, "coefficients": (), "follows": site.name}
+                # The offset-corrected form (the residual added to the current input) needs a
+                # residual stream; with a stale *output* the next unit receives exactly its
+                # cached input, its score reads 0 and the decision cascades from the first unit.
+                reuse = "residual" if self.reuse == "residual" and region.is_residual else site.reuse
+                sites.append(dataclasses.replace(site, label=span_label([region]), regions=(region,), offset=unit_rule,
+                                                 blocks=(region.name,), reuse=reuse, **gate))
+        renamed: dict[str, str] = {}
         for i, site in enumerate(sites):
-            if site.role == "probe":
-                probes[site.name] = f"site_{i}"
+            if site.role == "probe" or site.probe is not None:
+                renamed[site.name] = f"site_{i}"  # first of its name: the probe, or the unit with the gate
             site.name = f"site_{i}"
         for site in sites:
             if site.gated_by is not None:
-                site.gated_by = probes[site.gated_by]
+                site.gated_by = renamed[site.gated_by]
+            if site.follows is not None:
+                site.follows = renamed[site.follows]
         return sites
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether per-unit scales were fitted (:func:`adacache.calibrate`)."""
+        return bool(self.scales)
+
+    def _scale(self, unit: str) -> float:
+        if not self.scales:
+            return 1.0
+        if unit not in self.scales:
+            raise PolicyError(
+                f"AdaCorrection was calibrated for units {sorted(self.scales)} but this model has {unit!r}: "
+                "re-run adacache.calibrate on this model (or pass scales={} to use the raw score)"
+            )
+        return self.scales[unit]
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return self.base.schedule(site)

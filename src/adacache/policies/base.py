@@ -81,6 +81,9 @@ class SitePlan:
     #: rescaling polynomial (highest degree first, numpy.polyval order).
     probe: Any = None
     coefficients: tuple[float, ...] = ()
+    #: reuse only when the TeaCache gate of this other site passes (a TeaCache span split into
+    #: units by AdaCorrection: the first unit keeps the gate, the others follow it).
+    follows: str | None = None
     blocks: tuple[str, ...] = field(default_factory=tuple)
     #: attribute paths of the parameters the site reads (filled in by ``outline_sites``).
     params: tuple[str, ...] = field(default_factory=tuple)
@@ -141,6 +144,8 @@ class Policy:
 
     #: backends that can run the policy's decisions (all graph-level policies run everywhere).
     backends: ClassVar[tuple[str, ...]] = ("eager", "inductor", "onnx", "tensorrt")
+    #: True for trajectory-level policies (Z-Cache) that need ``adacache.sample`` to own the loop.
+    owns_trajectory: ClassVar[bool] = False
     granularity: Granularity = "block"
 
     def plan(self, blocks: list[Region]) -> list[SitePlan]:

@@ -42,6 +42,11 @@ class TeaCache(Policy):
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
         check(isinstance(self.warmup, int) and self.warmup >= 0, name, f"warmup must be an int >= 0, got {self.warmup!r}")
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the coefficients differ from the identity default (:func:`adacache.calibrate`)."""
+        return self.coefficients != (1.0, 0.0)
+
     def plan(self, blocks: list[Region]) -> list[SitePlan]:
         first = blocks[0]
         if not first.submodules or not first.submodules[0].inputs:

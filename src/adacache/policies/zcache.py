@@ -43,6 +43,8 @@ class ZCache(Policy):
 
     base: Policy = dataclasses.field(default_factory=lambda: TaylorSeer(order=1, interval=5))
     backends = ("eager", "inductor")  # the trajectory roll-back cannot live inside one engine
+    #: the runtime must own the denoising loop (``adacache.sample``)
+    owns_trajectory = True
 
     def __post_init__(self) -> None:
         check(isinstance(self.base, Policy), "ZCache", f"base must be a policy, got {self.base!r}")

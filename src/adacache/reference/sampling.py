@@ -55,6 +55,12 @@ def _model_shape(model: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def _owns_trajectory(model: nn.Module) -> bool:
+    """Whether ``model`` is compiled with a policy that needs the runtime to own the loop."""
+    policy = getattr(model, "policy", None)
+    return bool(getattr(policy, "owns_trajectory", False))
+
+
 def sample(
     model: nn.Module,
     class_labels: Sequence[int] | torch.Tensor,
@@ -122,24 +128,31 @@ def sample(
     else:
         model_labels = labels
 
-    steps = sched.timesteps
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc="sampling")
-    for t in steps:
+    def denoise(m: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in = torch.cat([x, x]) if use_cfg else x
         x_in = sched.scale_model_input(x_in, t)
         t_batch = torch.full((x_in.shape[0],), int(t), dtype=torch.long, device=dev)
-        out = model(hidden_states=x_in.to(dt), timestep=t_batch, class_labels=model_labels).sample
+        out = m(hidden_states=x_in.to(dt), timestep=t_batch, class_labels=model_labels).sample
         out = out.float()
         # Models with learned variance predict [eps, variance]; DDIM only needs eps.
         if out.shape[1] == 2 * in_ch:
             out = out[:, :in_ch]
         if use_cfg:
             eps_c, eps_u = out.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-        else:
-            eps = out
-        x = sched.step(eps, t, x).prev_sample
+            return eps_u + guidance_scale * (eps_c - eps_u)
+        return out
+
+    if _owns_trajectory(model):
+        # Z-Cache rewrites the trajectory: the runtime's loop runs the same steps.
+        from adacache.runtime.sampling import sample as runtime_sample
+
+        x = runtime_sample(model, sched, x, denoise)
+    else:
+        steps = sched.timesteps
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc="sampling")
+        for t in steps:
+            x = sched.step(denoise(model, x, t), t, x).prev_sample
     return x.clamp(-1.0, 1.0).cpu()

@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from ..capture import CapturedGraph, capture
-from ..passes.lower import hoist_attributes
+from ..passes.lower import drop_state_copies, hoist_attributes
 from ..passes import CacheLayout, Region, find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites
 from ..policies.base import Policy, SitePlan
 
@@ -70,7 +70,7 @@ def build_program(
     layout: CacheLayout = gm.meta["adacache"]
     portable = gm
     if backend == "eager":
-        runnable: Any = hoist_attributes(lower_cond_to_python(copy_graph_module(gm)))
+        runnable: Any = hoist_attributes(drop_state_copies(lower_cond_to_python(copy_graph_module(gm))))
     elif backend == "inductor":
         runnable = torch.compile(gm, backend="inductor", dynamic=False, fullgraph=True)
     else:
@@ -101,20 +101,26 @@ def _count_flops(program: Program) -> dict[str, int]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
+    # FlopCounterMode tracks modules through autograd hooks, which inference mode forbids:
+    # count outside it, so that summary() works inside ``torch.inference_mode()`` blocks.
+    with torch.inference_mode(False):
+        return _count_flops_by_site(program, FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode)
+
+
+def _count_flops_by_site(program: Program, mode: Any, counter_type: Any) -> dict[str, int]:
     flops: dict[str, int] = {}
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
     root = program.portable
     for site in program.layout.sites:
         region = site.regions[0]
         module = root.get_submodule(site.name)
         params = [operator.attrgetter(target)(root) for target in site.params]
         inputs = [*_fake_inputs(region.inputs, mode), *params]
-        counter = FlopCounterMode(display=False)
+        counter = counter_type(display=False)
         with mode, counter, torch.no_grad():
             module(*inputs)
         flops[site.name] = counter.get_total_flops()
     placeholders = [n for n in program.original.graph.nodes if n.op == "placeholder"]
-    counter = FlopCounterMode(display=False)
+    counter = counter_type(display=False)
     with mode, counter, torch.no_grad():
         program.original(*_fake_inputs(placeholders, mode))
     flops["<model>"] = counter.get_total_flops()
