@@ -6,6 +6,8 @@
 * Table IV: gamma in {0.5, 1, 2} x lambda in {0.5, 1, 2} with the paper's score (Eq. 3),
   calibrated once per lambda, over TaylorSeer(order=1, interval=5).
 * Fig. 5: offset weight per block x step and hit rate per block, one generation, as a PNG.
+* Z-Cache against its base at the same setting (TaylorSeer intervals 3 / 5 / 8, calibrated
+  TeaCache thresholds 0.1 / 0.2), with the wall-clock cost of reflection included.
 
 Calibration always runs on seeds disjoint from the scored ones (``CALIBRATION_SEEDS``).
 
@@ -34,7 +36,7 @@ BASES = (
     "TaylorSeer(order=1, interval=5)",
 )
 ABLATION_BASE = "TaylorSeer(order=1, interval=5)"
-HEATMAP_POLICY = "AdaCorrection(base=TaylorSeer(order=1, interval=5), veto=0.5)"
+HEATMAP_POLICY = "AdaCorrection(base=FirstBlockCache(0.12))"
 
 
 def table_one_variants(fitted_teacache: adacache.TeaCache) -> list[tuple[str, Any]]:
@@ -49,6 +51,17 @@ def table_one_variants(fitted_teacache: adacache.TeaCache) -> list[tuple[str, An
         out.append((f"calibrated(AdaCorrection(base={text}, veto=0.5, band=True))", Calibrated(adacache.AdaCorrection(base=base, veto=0.5, band=True))))
         if text.startswith("FORA"):
             out.append((f"calibrated(AdaCorrection(base={text}, veto=0.5, reuse='base'))", Calibrated(adacache.AdaCorrection(base=base, veto=0.5, reuse="base"))))
+    return out
+
+
+def zcache_variants(fitted: dict[float, adacache.TeaCache]) -> list[tuple[str, Any]]:
+    """Z-Cache against its base at the same setting: TaylorSeer intervals, calibrated TeaCache thresholds."""
+    out: list[tuple[str, Any]] = []
+    for interval in (3, 5, 8):
+        base = adacache.TaylorSeer(order=1, interval=interval)
+        out += [(base.describe(), base), (f"ZCache(base={base.describe()})", adacache.ZCache(base=base))]
+    for threshold, tea in fitted.items():
+        out += [(f"TeaCache({threshold}), calibrated", tea), (f"ZCache(base=TeaCache({threshold}), calibrated)", adacache.ZCache(base=tea))]
     return out
 
 
@@ -127,19 +140,23 @@ def main() -> None:
                                       guidance=(args.guidance,), repeats=args.repeats)
     from adacache.reference import load_reference_model
 
-    fitted = tracks.prepare_policy(Calibrated(adacache.TeaCache(0.1)), load_reference_model(), args.steps, args.guidance)
-    table_one = tracks.quality_track(table_one_variants(fitted), settings)
+    model = load_reference_model()
+    fitted = {th: tracks.prepare_policy(Calibrated(adacache.TeaCache(th)), model, args.steps, args.guidance) for th in (0.1, 0.2)}
+    table_one = tracks.quality_track(table_one_variants(fitted[0.1]), settings)
+    zcache = tracks.quality_track(zcache_variants(fitted), settings)
     ablation = tracks.quality_track(ablation_variants(), settings)
     layers = heatmap(HEATMAP_POLICY, args.steps, args.guidance, Path(args.figure))
     info = machine_info()
     info["elapsed_s"] = round(time.perf_counter() - start, 1)
     info["settings"] = {"samples": args.samples, "steps": args.steps, "guidance": args.guidance, "repeats": args.repeats}
-    result = {"machine": info, "table_one": [r.to_dict() for r in table_one], "ablation": [r.to_dict() for r in ablation], "layers": layers}
+    result = {"machine": info, "table_one": [r.to_dict() for r in table_one], "ablation": [r.to_dict() for r in ablation],
+              "zcache": [r.to_dict() for r in zcache], "layers": layers}
     (out / "study.json").write_text(json.dumps(result, indent=2))
-    for name, rows in (("Table I pattern", table_one), ("Table IV ablation", ablation)):
+    for name, rows in (("Table I pattern", table_one), ("Z-Cache", zcache), ("Table IV ablation", ablation)):
         print(f"\n{name}")
         for r in rows:
-            print(f"  {r.name:<100} {r.speedup or 0:5.2f}x  bound {r.flop_bound or 1:5.2f}x  {r.psnr:7.2f} dB  hit {r.hit_rate or 0:.2f}")
+            psnr = "failed: " + (r.note or "") if r.psnr is None else f"{r.psnr:7.2f} dB"
+            print(f"  {r.name:<100} {r.speedup or 0:5.2f}x  bound {r.flop_bound or 1:5.2f}x  {psnr}  hit {r.hit_rate or 0:.2f}")
     print(f"\nwrote {out / 'study.json'} and {args.figure} in {info['elapsed_s']:.0f} s")
 
 

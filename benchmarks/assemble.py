@@ -17,6 +17,56 @@ def _rows(items: list[dict]) -> list[Row]:
     return [Row(**item) for item in items]
 
 
+def _adacorrection_section(study: dict) -> list[str]:
+    settings = study["machine"]["settings"]
+    parts = ["## The seed methods on their bases: AdaCorrection (Table I pattern, Table IV ablation, Fig. 5) and Z-Cache", "",
+             f"`python benchmarks/adacorrection_study.py --samples {settings['samples']} --repeats {settings['repeats']}` on the reference"
+             f" model (CFG {settings['guidance']}, DDIM {settings['steps']} steps). `calibrated(...)`: per-block scales fitted by"
+             " `adacache.calibrate` on 10 other seeds, so `veto` is a tolerance on the predicted relative reuse error. FLOP bound:"
+             " the speedup if only block compute counted; wall: measured, interleaved with full computation.", "",
+             "| variant | wall speedup | FLOP bound | PSNR dB | SSIM | hit rate | FD-digits |", "|---|---|---|---|---|---|---|"]
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    for r in study["table_one"]:
+        if r["family"] == "full":
+            continue
+        if r.get("note") and r["psnr"] is None:
+            parts.append(f"| {r['name']} | failed: {r['note']} | | | | | |")
+            continue
+        parts.append(f"| {r['name']} | {fmt(r['speedup'], '.2f')}x | {fmt(r['flop_bound'], '.2f')}x | {fmt(r['psnr'], '.2f')} |"
+                     f" {fmt(r['ssim'], '.4f')} | {fmt(r['hit_rate'] and 100 * r['hit_rate'], '.1f')}% | {fmt(r['fd_digits'], '.0f')} |")
+    parts += ["", "**Table IV pattern** (paper score S = temporal + lambda * spatial, calibrated per lambda, veto 0.5, over"
+              " TaylorSeer(order=1, interval=5)): PSNR dB / hit rate", "", "| lambda \\ gamma | 0.5 | 1 | 2 |", "|---|---|---|---|"]
+    grid: dict[str, dict[str, str]] = {}
+    for r in study["ablation"]:
+        if r["family"] == "full" or r["psnr"] is None:
+            continue
+        gamma = r["name"].split("gamma=")[1].split(",")[0]
+        lam = r["name"].split("lam=")[1].split(",")[0]
+        grid.setdefault(lam, {})[gamma] = f"{r['psnr']:.2f} / {100 * r['hit_rate']:.0f}%"
+    for lam in sorted(grid, key=float):
+        parts.append(f"| {lam} | " + " | ".join(grid[lam].get(g, "—") for g in ("0.5", "1.0", "2.0")) + " |")
+    if study.get("zcache"):
+        parts += ["", "**Z-Cache against its base at the same setting** (reflection replays the non-block part over each"
+                  " window; its wall-clock cost is in the speedup)", "",
+                  "| variant | wall speedup | FLOP bound | PSNR dB | SSIM | hit rate | FD-digits |", "|---|---|---|---|---|---|---|"]
+        for r in study["zcache"]:
+            if r["family"] == "full":
+                continue
+            if r["psnr"] is None:
+                parts.append(f"| {r['name']} | failed: {r.get('note')} | | | | | |")
+                continue
+            parts.append(f"| {r['name']} | {fmt(r['speedup'], '.2f')}x | {fmt(r['flop_bound'], '.2f')}x | {fmt(r['psnr'], '.2f')} |"
+                         f" {fmt(r['ssim'], '.4f')} | {fmt(r['hit_rate'] and 100 * r['hit_rate'], '.1f')}% | {fmt(r['fd_digits'], '.0f')} |")
+    layers = study["layers"]
+    parts += ["", f"**Fig. 5 pattern**: `{layers['policy']}`, calibrated, one generation of 10 samples; hit rate per block"
+              f" {', '.join(f'{h:.0%}' for h in layers['hit_rate_per_block'])} (blocks 0..{len(layers['blocks']) - 1}).", "",
+              "![AdaCorrection per block and step](docs/adacorrection_layers.png)", ""]
+    return parts
+
+
 def main(out_dir: str, target: str) -> None:
     out = Path(out_dir)
     parts = ["# Benchmarks", "", "Every figure below was measured by `bash benchmarks/regenerate.sh` on the code at the commit that"
@@ -63,11 +113,16 @@ def main(out_dir: str, target: str) -> None:
         st = json.loads(study.read_text())
         parts += ["## Does AdaCorrection's offset score predict the reuse error?", "",
                   f"`python benchmarks/offset_score_study.py --samples {st['samples']}` on the reference model (CFG {st['guidance']}, lags {st['lags']}):"
-                  " Spearman correlation of each predictor (from the block input) with the true error of reusing the block's residual.", "",
+                  " Spearman correlation of each predictor (from the block input) with the true error of reusing the block's cache"
+                  " (its residual, or for the rows marked so its output); 'calibrated' multiplies the temporal term by the per-block"
+                  " scale `adacache.calibrate` fits on other seeds.", "",
                   "| predictor | across steps, lags, blocks | within a step, across blocks (median) |", "|---|---|---|"]
         for name, val in st["predictors"].items():
             parts.append(f"| {name} | {val['spearman_all']:+.2f} | {val['spearman_within_step_median']:+.2f} |")
         parts += ["", f"Reuse error at lag 1 in the last five steps is {st['err_last5_over_mid']:.1f}x its mid-trajectory level.", ""]
+    ada = out / "adacorrection" / "study.json"
+    if ada.exists():
+        parts += _adacorrection_section(json.loads(ada.read_text()))
     bench = out / "bench" / "results.json"
     if bench.exists():
         r = json.loads(bench.read_text())

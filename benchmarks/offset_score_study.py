@@ -10,7 +10,8 @@ residual reuse is
 and the candidate predictors, all computed from the block *input* (no block compute), are
 AdaCorrection's offset terms normalised as in ``adacache.ops.adacorrection_terms``:
 temporal (Eq. 1), spatial (Eq. 2), S = temporal + lam * spatial (Eq. 3, lam = 1), and the
-relative L1 change of the input. Reported: Spearman rank correlation with the true error across all
+relative L1 change of the input, and the temporal term times the per-block scale that
+``adacache.calibrate`` fits on other seeds (for residual and for output reuse). Reported: Spearman rank correlation with the true error across all
 (t, tau, l), and within each (t, tau) across blocks (median over steps); and the error
 level per step (late steps are where reuse hurts).
 
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from adacache import ops
+from adacache import AdaCorrection, FORA, calibrate, ops
+from adacache.bench.tracks import CALIBRATION_SEEDS
 from adacache.reference import load_reference_model, sample
 
 
@@ -41,6 +43,13 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_reference_model()
+    # Per-block scales as adacache.calibrate fits them, on seeds disjoint from the scored ones.
+    scales = {}
+    for reuse in ("residual", "output"):
+        base = FORA(interval=2, reuse=reuse)
+        fitted = calibrate(model, AdaCorrection(base=base), lambda d: sample(
+            d, [s % 10 for s in CALIBRATION_SEEDS], seeds=list(CALIBRATION_SEEDS), num_steps=args.steps, guidance_scale=args.guidance))
+        scales[reuse] = [fitted.scales[f"transformer_blocks.{i}"] for i in range(len(model.transformer_blocks))]
     records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
     hooks = []
     for index, block in enumerate(model.transformer_blocks):
@@ -68,14 +77,20 @@ def main() -> None:
                     continue
                 x_c, y_c = steps[t - tau]
                 err = float((x_t + (y_c - x_c) - y_t).norm() / fresh.norm().clamp_min(1e-12))
+                err_out = float((y_c - y_t).norm() / fresh.norm().clamp_min(1e-12))
                 temporal, spatial = ops.adacorrection_terms(x_t, x_c)
                 rel = float(ops.offset_score(x_t, x_c).max())
-                rows.append({"block": block, "step": t, "lag": tau, "err": err, "temporal": float(temporal.max()),
-                             "spatial": float(spatial.max()), "S": float((temporal + spatial).max()), "input_rel_l1": rel})
-    err = np.array([r["err"] for r in rows])
-    report = {"samples": args.samples, "steps": args.steps, "guidance": args.guidance, "lags": args.lags, "predictors": {}}
-    for name in ("temporal", "spatial", "S", "input_rel_l1"):
-        values = np.array([r[name] for r in rows])
+                rows.append({"block": block, "step": t, "lag": tau, "err": err, "err_output": err_out, "temporal": float(temporal.max()),
+                             "spatial": float(spatial.max()), "S": float((temporal + spatial).max()), "input_rel_l1": rel,
+                             "calibrated temporal": float(temporal.max()) * scales["residual"][block],
+                             "calibrated temporal (output reuse)": float(temporal.max()) * scales["output"][block]})
+    report = {"samples": args.samples, "steps": args.steps, "guidance": args.guidance, "lags": args.lags, "predictors": {},
+              "calibration_seeds": list(CALIBRATION_SEEDS), "scales": scales}
+    predictors = [(name, "err") for name in ("temporal", "spatial", "S", "input_rel_l1", "calibrated temporal")]
+    predictors += [("temporal (output reuse)", "err_output"), ("calibrated temporal (output reuse)", "err_output")]
+    for name, target in predictors:
+        values = np.array([r[name.replace(" (output reuse)", "") if name == "temporal (output reuse)" else name] for r in rows])
+        err = np.array([r[target] for r in rows])
         overall = spearmanr(values, err).statistic
         within = []
         for t in range(args.steps):
@@ -92,9 +107,9 @@ def main() -> None:
     mid = np.median([v for t, v in levels.items() if args.steps * 0.3 <= t <= args.steps * 0.7])
     report["err_lag1_by_step"] = levels
     report["err_last5_over_mid"] = float(np.mean([levels[t] for t in list(levels)[-5:]]) / mid)
-    print(f"{len(rows)} (step, lag, block) samples; Spearman correlation with the true residual-reuse error:")
+    print(f"{len(rows)} (step, lag, block) samples; Spearman correlation with the true reuse error:")
     for name, stats in report["predictors"].items():
-        print(f"  {name:<13} all {stats['spearman_all']:+.2f}   within a step, across blocks (median) {stats['spearman_within_step_median']:+.2f}")
+        print(f"  {name:<36} all {stats['spearman_all']:+.2f}   within a step, across blocks (median) {stats['spearman_within_step_median']:+.2f}")
     print(f"reuse error at lag 1: last 5 steps / mid-trajectory = {report['err_last5_over_mid']:.1f}x")
     if args.out:
         with open(args.out, "w") as fh:

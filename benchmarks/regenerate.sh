@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Regenerate every figure in BENCHMARKS.md on this machine (about 45 minutes on 2 CPU cores).
+# Regenerate every figure in BENCHMARKS.md on this machine (about 50 minutes on 2 CPU cores).
 # Usage: bash benchmarks/regenerate.sh [THREADS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-2}"
 OUT=bench-out
 mkdir -p "$OUT"
+adacache bench --anchors --samples 50 --guidance 4.0 --repeats 3 --threads "$THREADS" --speed-models dit-s --overhead-models --out "$OUT/bench"
+python benchmarks/adacorrection_study.py --samples 20 --repeats 3 --threads "$THREADS" --out "$OUT/adacorrection"
 python benchmarks/core_speed.py --config small --steps 50 --repeats 5 --threads "$THREADS" --out "$OUT/core_speed.json"
 python benchmarks/backends_speed.py --models reference dit-s --steps 50 --repeats 3 --threads "$THREADS" --out "$OUT/backends_speed.json"
 python benchmarks/offset_score_study.py --samples 20 --out "$OUT/offset_study.json"
-adacache bench --anchors --samples 100 --guidance 4.0 --repeats 3 --threads "$THREADS" --speed-models dit-s --overhead-models --out "$OUT/bench"
 python benchmarks/overhead.py --models diffusers-dit-s --steps 20 --repeats 3 --threads "$THREADS" --out "$OUT/overhead.json"
 python benchmarks/assemble.py "$OUT" BENCHMARKS.md

@@ -93,6 +93,20 @@ def test_reference_sampler_hands_zcache_to_the_runtime_loop():
     assert torch.allclose(got, direct.clamp(-1, 1), atol=1e-5)
 
 
+def test_zcache_over_teacache_reflects_the_adaptive_windows_it_took():
+    tea = adacache.TeaCache(0.3, coefficients=(0.5, 0.0))
+    model, cached, scheduler, x0, denoise = _setup(adacache.ZCache(base=tea))
+    out = adacache.sample(cached, scheduler, x0, denoise)
+    stats = cached.current_session().stats
+    full = [rec.step for rec in stats.records if not bool(rec.reused["site_0"])]
+    windows = [(a, b) for a, b in zip(full, full[1:]) if b - a > 1]
+    assert windows, "the threshold leaves some windows to reflect"
+    # each window (t1, t2] replays its intermediate steps and step t2, without block compute
+    assert stats.replays == sum(b - a for a, b in windows)
+    plain = adacache.sample(adacache.compile(model, tea), scheduler, x0, denoise)
+    assert torch.isfinite(out).all() and not torch.allclose(out, plain), "reflection changes the trajectory"
+
+
 def test_zcache_with_interval_one_has_nothing_to_reflect():
     model, cached, scheduler, x0, denoise = _setup(adacache.ZCache(base=adacache.TaylorSeer(order=1, interval=1)))
     out = adacache.sample(cached, scheduler, x0, denoise)
@@ -115,8 +129,8 @@ def test_zcache_refuses_what_it_cannot_do(tmp_path):
         adacache.sample(cached, ddpm, x0, denoise)
     with pytest.raises(adacache.PolicyError, match="eta"):
         adacache.sample(cached, scheduler, x0, denoise, step_kwargs={"eta": 0.5})
-    with pytest.raises(adacache.PolicyError, match="TeaCache"):
-        adacache.ZCache(base=adacache.TeaCache(0.1))
+    with pytest.raises(adacache.PolicyError, match="TaylorSeer"):
+        adacache.ZCache(base=adacache.FORA(interval=3))
     _, inputs, _ = FAMILIES["tiny_dit"]()
     with pytest.raises(adacache.ExportError, match="ZCache cannot be exported to onnx"):
         adacache.export(cached, tmp_path / "z", example_inputs=((), inputs(torch.tensor(900.0))))

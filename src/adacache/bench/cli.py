@@ -10,15 +10,23 @@ QUICK_POLICIES = ("NoCache()", "FORA(interval=3)", "FirstBlockCache(0.08)")
 FULL_POLICIES = (
     "NoCache()",
     "FORA(interval=2)", "FORA(interval=3)", "FORA(interval=4)", "FORA(interval=5)", "FORA(interval=6)",
-    "FORA(interval=2, granularity='module')", "FORA(interval=3, granularity='module')", "FORA(interval=5, granularity='module')",
+    "FORA(interval=8)", "FORA(interval=10)",
+    "FORA(interval=3, reuse='residual')", "FORA(interval=3, granularity='module')",
     "FirstBlockCache(0.03)", "FirstBlockCache(0.05)", "FirstBlockCache(0.08)", "FirstBlockCache(0.12)", "FirstBlockCache(0.2)",
-    "FirstBlockCache(0.08, tail_blocks=1)",
-    "FORA(interval=3, reuse='residual')",
-    "TaylorSeer(order=1, interval=3, granularity='module')", "TaylorSeer(order=1, interval=5, granularity='module')",
-    "TaylorSeer(order=2, interval=5, granularity='module')", "TaylorSeer(order=1, interval=5)",
-    "TeaCache(0.1)", "TeaCache(0.2)", "TeaCache(0.4)",
-    "AdaCorrection(base=FORA(interval=3))", "AdaCorrection(base=FirstBlockCache(0.08))",
-    "AdaCorrection(base=FirstBlockCache(0.12), accept=0.05)", "AdaCorrection(base=TaylorSeer(order=1, interval=5, granularity='module'))",
+    "TaylorSeer(order=1, interval=3)", "TaylorSeer(order=1, interval=5)", "TaylorSeer(order=1, interval=8)",
+    "TaylorSeer(order=2, interval=5)", "TaylorSeer(order=1, interval=5, granularity='module')",
+    "ZCache(base=TaylorSeer(order=1, interval=3))", "ZCache(base=TaylorSeer(order=1, interval=5))",
+    "ZCache(base=TaylorSeer(order=1, interval=8))",
+    "TeaCache(0.1)", "TeaCache(0.2)",
+    "calibrated(TeaCache(0.05))", "calibrated(TeaCache(0.1))", "calibrated(TeaCache(0.2))", "calibrated(TeaCache(0.4))",
+    # AdaCorrection over each base: the uncalibrated default, and calibrated at two error tolerances.
+    "AdaCorrection(base=FirstBlockCache(0.08))",
+    "calibrated(AdaCorrection(base=FORA(interval=3)))", "calibrated(AdaCorrection(base=FORA(interval=6), veto=0.5))",
+    "calibrated(AdaCorrection(base=FirstBlockCache(0.08)))", "calibrated(AdaCorrection(base=FirstBlockCache(0.12)))",
+    "calibrated(AdaCorrection(base=FirstBlockCache(0.2)))",
+    "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=5)))", "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=5), veto=0.5))",
+    "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=8), veto=0.5))",
+    "calibrated(AdaCorrection(base=TeaCache(0.1)))", "calibrated(AdaCorrection(base=TeaCache(0.2)))",
 )
 
 

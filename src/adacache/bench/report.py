@@ -65,7 +65,7 @@ def matched_table(rows: Sequence[Row], targets: Sequence[float] = MATCHED_SPEEDU
     out = []
     for guidance in sorted({r.guidance for r in rows}, reverse=True):
         families = sorted({r.family for r in rows if r.guidance == guidance and r.family != "full"})
-        out.append(f"\n**CFG {guidance}**: best PSNR (dB) of each family at speedup ≥ target (configuration in brackets)\n")
+        out.append(f"\n**CFG {guidance}**: best PSNR (dB) of each family at speedup ≥ target, with its FD-digits (configuration and speedup in brackets)\n")
         out.append("| family | " + " | ".join(f"≥{t:g}x" for t in targets) + " |")
         out.append("|---|" + "---|" * len(targets))
         for family in families:
@@ -76,7 +76,8 @@ def matched_table(rows: Sequence[Row], targets: Sequence[float] = MATCHED_SPEEDU
                     key=lambda r: r.psnr,
                     default=None,
                 )
-                cells.append("—" if best is None else f"{best.psnr:.1f} ({best.name}, {best.speedup:.2f}x)")
+                fd = "" if best is None or best.fd_digits is None else f", FD {best.fd_digits:.0f}"
+                cells.append("—" if best is None else f"{best.psnr:.1f}{fd} ({best.name}, {best.speedup:.2f}x)")
             out.append(f"| {family} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ class QualitySettings:
 class Calibrated:
     """A policy to calibrate with :func:`adacache.calibrate` before it is scored.
 
+    Every part that can be fitted is: a TeaCache base first, then the policy on top of it.
     The bench fits it once per guidance scale, on the bench's own sampler and on seeds
     disjoint from the scored ones (``CALIBRATION_SEEDS``), so the scores are held-out.
     """
@@ -58,7 +60,15 @@ def prepare_policy(policy: Any, model: Any, steps: int, guidance: float) -> Poli
     from adacache.reference import sample
 
     labels = [s % 10 for s in CALIBRATION_SEEDS]
-    return adacache.calibrate(model, policy.policy, lambda d: sample(d, labels, seeds=list(CALIBRATION_SEEDS), num_steps=steps, guidance_scale=guidance))
+
+    def fit(p: Policy) -> Policy:
+        return adacache.calibrate(model, p, lambda d: sample(d, labels, seeds=list(CALIBRATION_SEEDS), num_steps=steps, guidance_scale=guidance))
+
+    target = policy.policy
+    base = getattr(target, "base", None)
+    if isinstance(base, (adacache.TeaCache, adacache.AdaCorrection)):
+        target = dataclasses.replace(target, base=fit(base))  # the base first: the policy is fitted on top of it
+    return fit(target) if isinstance(target, (adacache.TeaCache, adacache.AdaCorrection)) else target
 
 
 def _progress(total: int, desc: str) -> Any:

@@ -51,7 +51,7 @@ class AdaCorrection(Policy):
     lam: float = 1.0
     score: Literal["temporal", "paper"] = "temporal"
     accept: float = 0.0
-    veto: float = 0.5
+    veto: float = 0.2
     band: bool = False
     scales: dict[str, float] = dataclasses.field(default_factory=dict)
     reuse: Literal["residual", "base"] = "residual"

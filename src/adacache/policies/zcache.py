@@ -10,6 +10,7 @@ from ..errors import PolicyError
 from ..passes.regions import Region
 from .base import Policy, SitePlan, check, policy_dataclass
 from .taylorseer import TaylorSeer
+from .teacache import TeaCache
 
 
 def reflection_weight(k: int, t1: int, t2: int) -> float:
@@ -25,7 +26,7 @@ def reflection_weight(k: int, t1: int, t2: int) -> float:
 
 @policy_dataclass
 class ZCache(Policy):
-    """Z-Cache over TaylorSeer: after each full computation, re-run the window behind it.
+    """Z-Cache over TaylorSeer or TeaCache: after each full computation, re-run the window behind it.
 
     Forward with the base's forecasts until the next full computation at step ``t2``; then
     roll the sampler back to the previous anchor ``t1``, re-predict every intermediate step
@@ -37,8 +38,13 @@ class ZCache(Policy):
     Reflection rewrites the trajectory, so this policy needs the runtime to own the loop:
     use :func:`adacache.sample`. Calling the compiled model directly runs the base alone.
 
+    A window ends wherever the base computed every block: at TaylorSeer's fixed interval, or
+    wherever TeaCache's accumulated change crossed its threshold (the runtime reads it from
+    what the step did). With TeaCache the anchors' features are the cached residuals
+    themselves (no forecast), blended by the same weight.
+
     Args:
-        base: a TaylorSeer (static windows). TeaCache's adaptive windows are not supported yet.
+        base: TaylorSeer (static windows) or TeaCache (adaptive windows).
     """
 
     base: Policy = dataclasses.field(default_factory=lambda: TaylorSeer(order=1, interval=5))
@@ -48,10 +54,10 @@ class ZCache(Policy):
 
     def __post_init__(self) -> None:
         check(isinstance(self.base, Policy), "ZCache", f"base must be a policy, got {self.base!r}")
-        if not isinstance(self.base, TaylorSeer):
+        if not isinstance(self.base, (TaylorSeer, TeaCache)):
             raise PolicyError(
-                f"ZCache(base={type(self.base).__name__}) is not supported yet: reflection needs the static "
-                "windows of TaylorSeer; use ZCache(base=TaylorSeer(...))"
+                f"ZCache(base={type(self.base).__name__}) is not supported: reflection re-predicts a window's "
+                "features from the anchors at both ends; use ZCache(base=TaylorSeer(...)) or ZCache(base=TeaCache(...))"
             )
 
     @property

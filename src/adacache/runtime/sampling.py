@@ -94,6 +94,10 @@ def _forecast_states(session: Session, old: dict[int, list[torch.Tensor]], new: 
             if suffix.isdigit() and base in index:
                 result[i] = torch.zeros_like(tensors[i])  # a higher difference of an output below
                 continue
+            if spec.name.endswith("__acc"):
+                # TeaCache's running sum, set where the gate cannot fail: a replay reuses by definition.
+                result[i] = torch.full_like(tensors[i], -1e30)
+                continue
             order = layout.forecast_order
             terms = [index.get(f"{spec.name}_d{j}") for j in range(1, order + 1)]
             if not spec.name.split("__")[-1].isdigit():
@@ -149,16 +153,21 @@ def sample(
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
             out = denoise(model, x, t)
-            if zcache:
-                schedule = model.policy.schedule(session.slots[0].program.cached_sites[0])
-                full = not stepping.allow_reuse(schedule, i)
-                if full and anchor is not None and i - anchor.step > 1:
-                    x, out, sched = _reflect(model, session, anchor, i, timesteps, denoise, step_kwargs)
-                    scheduler = _restore(scheduler, sched)
+            full = zcache and _computed_everything(session, i)
+            if full and anchor is not None and i - anchor.step > 1:
+                x, out, sched = _reflect(model, session, anchor, i, timesteps, denoise, step_kwargs)
+                scheduler = _restore(scheduler, sched)
             x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
-            if zcache and not stepping.allow_reuse(schedule, i):
+            if full:
                 anchor = _Anchor(i, x.clone(), copy.deepcopy(scheduler), _snapshot(session))
     return x
+
+
+def _computed_everything(session: Session, step: int) -> bool:
+    """Whether every call of ``step`` computed every cached site: a full step, i.e. a window
+    boundary. Read from what the step did, so adaptive bases (TeaCache) work like static ones."""
+    calls = [rec for rec in session.stats.records if rec.step == step]
+    return bool(calls) and not any(bool(flag) for rec in calls for flag in rec.reused.values())
 
 
 def _restore(target: Any, source: Any) -> Any:
