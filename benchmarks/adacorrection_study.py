@@ -6,6 +6,7 @@
 * Table IV: gamma in {0.5, 1, 2} x lambda in {0.5, 1, 2} with the paper's score (Eq. 3),
   calibrated once per lambda, over TaylorSeer(order=1, interval=5).
 * Fig. 5: offset weight per block x step and hit rate per block, one generation, as a PNG.
+* the seed-to-seed spread of full computation's class accuracy and FD-digits;
 * Z-Cache against its base at the same setting (TaylorSeer intervals 3 / 5 / 8, calibrated
   TeaCache thresholds 0.1 / 0.2), with the wall-clock cost of reflection included.
 
@@ -122,6 +123,25 @@ def heatmap(policy_text: str, steps: int, guidance: float, out: Path) -> dict[st
     return {"policy": policy_text, "hit_rate_per_block": reused.mean(axis=1).round(3).tolist(), "blocks": [s.label for s in sites]}
 
 
+def seed_spread(samples: int, steps: int, guidance: float) -> dict[str, Any]:
+    """Class accuracy and FD-digits of full computation on two disjoint seed sets of the bench's
+    size: the spread a cached policy's distribution metrics are judged against."""
+    from adacache.eval import metrics
+    from adacache.reference import load_reference_model, sample
+
+    model = load_reference_model()
+    labels = [i % 10 for i in range(samples)]
+    out = []
+    for first in (0, samples):
+        seeds = list(range(first, first + samples))
+        with torch.inference_mode():
+            images = sample(model, labels, seeds=seeds, num_steps=steps, guidance_scale=guidance)
+        out.append({"seeds": [first, first + samples - 1], "accuracy": float(metrics.class_accuracy(images, torch.tensor(labels))),
+                    "fd_digits": float(metrics.fd_digits(images))})
+    return {"samples": samples, "runs": out, "fd_spread": abs(out[0]["fd_digits"] - out[1]["fd_digits"]),
+            "accuracy_spread": abs(out[0]["accuracy"] - out[1]["accuracy"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=20)
@@ -131,6 +151,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench-out/adacorrection")
     parser.add_argument("--figure", default="docs/adacorrection_layers.png")
+    parser.add_argument("--spread-samples", type=int, default=50, help="seed set size for the full-computation spread (the bench's --samples)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -146,11 +167,12 @@ def main() -> None:
     zcache = tracks.quality_track(zcache_variants(fitted), settings)
     ablation = tracks.quality_track(ablation_variants(), settings)
     layers = heatmap(HEATMAP_POLICY, args.steps, args.guidance, Path(args.figure))
+    spread = seed_spread(args.spread_samples, args.steps, args.guidance)
     info = machine_info()
     info["elapsed_s"] = round(time.perf_counter() - start, 1)
     info["settings"] = {"samples": args.samples, "steps": args.steps, "guidance": args.guidance, "repeats": args.repeats}
     result = {"machine": info, "table_one": [r.to_dict() for r in table_one], "ablation": [r.to_dict() for r in ablation],
-              "zcache": [r.to_dict() for r in zcache], "layers": layers}
+              "zcache": [r.to_dict() for r in zcache], "layers": layers, "seed_spread": spread}
     (out / "study.json").write_text(json.dumps(result, indent=2))
     for name, rows in (("Table I pattern", table_one), ("Z-Cache", zcache), ("Table IV ablation", ablation)):
         print(f"\n{name}")

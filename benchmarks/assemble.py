@@ -60,6 +60,12 @@ def _adacorrection_section(study: dict) -> list[str]:
                 continue
             parts.append(f"| {r['name']} | {fmt(r['speedup'], '.2f')}x | {fmt(r['flop_bound'], '.2f')}x | {fmt(r['psnr'], '.2f')} |"
                          f" {fmt(r['ssim'], '.4f')} | {fmt(r['hit_rate'] and 100 * r['hit_rate'], '.1f')}% | {fmt(r['fd_digits'], '.0f')} |")
+    spread = study.get("seed_spread")
+    if spread:
+        a, b = spread["runs"]
+        parts += ["", f"**Seed-to-seed spread of full computation** ({spread['samples']} samples each, seeds {a['seeds'][0]}-{a['seeds'][1]}"
+                  f" vs {b['seeds'][0]}-{b['seeds'][1]}): class accuracy {100 * a['accuracy']:.1f}% vs {100 * b['accuracy']:.1f}%,"
+                  f" FD-digits {a['fd_digits']:.0f} vs {b['fd_digits']:.0f} (spread {spread['fd_spread']:.0f})."]
     layers = study["layers"]
     parts += ["", f"**Fig. 5 pattern**: `{layers['policy']}`, calibrated, one generation of 10 samples; hit rate per block"
               f" {', '.join(f'{h:.0%}' for h in layers['hit_rate_per_block'])} (blocks 0..{len(layers['blocks']) - 1}).", "",

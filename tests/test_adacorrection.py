@@ -227,3 +227,26 @@ def test_blend_band_over_a_taylor_forecast_runs_and_weight_one_is_the_fresh_outp
     # A moderate weight blends the forecast in: the output moves away from full computation.
     blended = adacache.compile(model, adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=3), gamma=2.0, veto=1.0, band=True))
     assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(denoise(blended, inputs), expected))
+
+
+def test_teacache_sum_follows_teacache_not_the_veto():
+    """A veto on the first unit must not reset TeaCache's running sum: the gate's history is
+    TeaCache's own, whatever AdaCorrection decides about individual blocks."""
+    model, still, _ = FAMILIES["tiny_dit"]()
+    inputs = moving(still)
+    tea = adacache.TeaCache(0.6, coefficients=(0.5, 0.02))
+
+    def sums(policy):
+        cached = adacache.compile(model, policy)
+        out = []
+        with adacache.session(cached) as sess, torch.no_grad():
+            for t in torch.linspace(950, 50, 8):
+                cached(**inputs(t))
+                slot = sess.slots[0]
+                names = [spec.name for spec in slot.program.layout.states]
+                out.append(float(slot.tensors[names.index("cache__site_0__acc")]))
+        return out
+
+    plain = sums(tea)
+    assert any(v > 0 for v in plain)
+    assert sums(adacache.AdaCorrection(base=tea, veto=1e-6)) == pytest.approx(plain)

@@ -52,13 +52,17 @@ def calibrate(model: nn.Module, policy: Policy, run: Callable[[nn.Module], Any],
     * :class:`TeaCache`: the rescaling polynomial (``degree``) that maps the change of the
       first block's modulated input to the change of the model output;
     * :class:`AdaCorrection`: one scale per cached unit, so that ``scale * S`` estimates the
-      relative error of reusing that unit's cache (see :func:`fit_offset_scales`).
+      relative error of reusing that unit's cache (see :func:`fit_offset_scales`); a TeaCache
+      base is fitted first, with the same run.
 
     Returns a copy of ``policy`` with the fitted parameters.
     """
     if isinstance(policy, TeaCache):
         return _calibrate_teacache(model, policy, run, degree)
     if isinstance(policy, AdaCorrection):
+        if isinstance(policy.base, TeaCache):
+            # The base first: AdaCorrection's scales are fitted on top of the fitted gate.
+            policy = dataclasses.replace(policy, base=_calibrate_teacache(model, policy.base, run, degree))
         return dataclasses.replace(policy, scales=fit_offset_scales(model, policy, run))
     raise PolicyError(f"calibrate fits TeaCache and AdaCorrection; {type(policy).__name__} has nothing to calibrate")
 
@@ -134,9 +138,9 @@ class _UnitRecorder(nn.Module):
                     f"{type(self.model).__name__}'s submodules"
                 ) from exc
             self.pairs[name] = []
-            self.hooks.append(module.register_forward_hook(self._hook(name, site.reuse), with_kwargs=True))
+            self.hooks.append(module.register_forward_hook(self._hook(name, site.reuse, site.regions[0].is_residual), with_kwargs=True))
 
-    def _hook(self, name: str, reuse: str) -> Callable[..., None]:
+    def _hook(self, name: str, reuse: str, residual_unit: bool) -> Callable[..., None]:
         lam = self.policy.lam if self.policy.score == "paper" else 0.0
 
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -149,7 +153,7 @@ class _UnitRecorder(nn.Module):
             if key in self.previous and self.previous[key][0].shape == x.shape:
                 x_prev, y_prev = self.previous[key]
                 score = float(ops.adacorrection_score(x, x_prev, lam).max())  # worst item, as the graph decides
-                self.pairs[name].append((score, _reuse_error(x, y, x_prev, y_prev, reuse)))
+                self.pairs[name].append((score, _reuse_error(x, y, x_prev, y_prev, reuse, residual_unit)))
             self.previous[key] = (x.clone(), y.clone())
 
         return record
@@ -176,13 +180,15 @@ def _stream_output(output: Any, like: torch.Tensor | None) -> torch.Tensor | Non
     return tensors[0] if tensors else None
 
 
-def _reuse_error(x: torch.Tensor, y: torch.Tensor, x_prev: torch.Tensor, y_prev: torch.Tensor, reuse: str) -> float:
+def _reuse_error(x: torch.Tensor, y: torch.Tensor, x_prev: torch.Tensor, y_prev: torch.Tensor, reuse: str, residual_unit: bool) -> float:
     """Relative error of reusing the previous step's cache now, worst batch item:
-    ``||reused - y|| / ||y - x||`` with ``reused`` the stale output, or the current input plus
-    the stale residual."""
+    ``||reused - y|| / ||y - x||`` for a residual unit (relative to what the unit adds), with
+    ``reused`` the stale output or the current input plus the stale residual; for other
+    units (attention / feed-forward calls) relative to ``||y||``."""
     reused = y_prev if reuse == "output" else x + (y_prev - x_prev)
-    dims = tuple(range(1, x.dim()))
-    err = torch.linalg.vector_norm(reused - y, dim=dims) / torch.linalg.vector_norm(y - x, dim=dims).clamp_min(1e-12)
+    dims = tuple(range(1, y.dim()))
+    scale = y - x if residual_unit else y
+    err = torch.linalg.vector_norm(reused - y, dim=dims) / torch.linalg.vector_norm(scale, dim=dims).clamp_min(1e-12)
     return float(err.max())
 
 

@@ -120,7 +120,7 @@ def _family(policy: Policy) -> str:
     base = getattr(policy, "base", None)
     name = type(policy).__name__ + (f"+{type(base).__name__}" if isinstance(base, Policy) else "")
     granularity = getattr(policy, "granularity", "block")
-    calibrated = getattr(policy, "calibrated", False)
+    calibrated = getattr(policy, "calibrated", False) or getattr(base, "calibrated", False)
     return f"adacache {name}" + (" (module)" if granularity == "module" else "") + (" (calibrated)" if calibrated else "")
 
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 import adacache
+from adacache.errors import PolicyError
 from adacache.policies.base import Policy
 
 from .runner import Row, Variant, policy_variant, time_interleaved
@@ -34,7 +34,7 @@ class QualitySettings:
 class Calibrated:
     """A policy to calibrate with :func:`adacache.calibrate` before it is scored.
 
-    Every part that can be fitted is: a TeaCache base first, then the policy on top of it.
+    Every part that can be fitted is (``adacache.calibrate`` fits a TeaCache base first).
     The bench fits it once per guidance scale, on the bench's own sampler and on seeds
     disjoint from the scored ones (``CALIBRATION_SEEDS``), so the scores are held-out.
     """
@@ -59,16 +59,10 @@ def prepare_policy(policy: Any, model: Any, steps: int, guidance: float) -> Poli
         return policy
     from adacache.reference import sample
 
+    if not isinstance(policy.policy, (adacache.TeaCache, adacache.AdaCorrection)):
+        raise PolicyError(f"calibrated({policy.policy.describe()}): only TeaCache and AdaCorrection have parameters to fit")
     labels = [s % 10 for s in CALIBRATION_SEEDS]
-
-    def fit(p: Policy) -> Policy:
-        return adacache.calibrate(model, p, lambda d: sample(d, labels, seeds=list(CALIBRATION_SEEDS), num_steps=steps, guidance_scale=guidance))
-
-    target = policy.policy
-    base = getattr(target, "base", None)
-    if isinstance(base, (adacache.TeaCache, adacache.AdaCorrection)):
-        target = dataclasses.replace(target, base=fit(base))  # the base first: the policy is fitted on top of it
-    return fit(target) if isinstance(target, (adacache.TeaCache, adacache.AdaCorrection)) else target
+    return adacache.calibrate(model, policy.policy, lambda d: sample(d, labels, seeds=list(CALIBRATION_SEEDS), num_steps=steps, guidance_scale=guidance))
 
 
 def _progress(total: int, desc: str) -> Any:

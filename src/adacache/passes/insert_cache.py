@@ -251,7 +251,7 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             fresh = _fresh_state(g, site, region, ins, outs)
             if band:
                 # Eq. 7: blend the fresh output with the (offset-corrected) cache by w; with a
-                # Taylor order the cache is what the reuse branch would have forecast.
+                # Taylor order, the cache as the coefficients of this step extrapolate it.
                 weight = ps[-1]
                 if site.order:
                     stale = [g.call_function(ops.taylor_forecast, (ps[n_params], *st[i * n_terms : (i + 1) * n_terms])) for i in range(n_out)]
@@ -304,6 +304,7 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
                 passes, total, rescaled = (graph.call_function(operator.getitem, (gate_out, i)) for i in range(3))
                 tea_gates[site.name] = passes
                 pred = graph.call_function(operator.and_, (pred, passes))
+                tea_verdict = pred  # before any offset rule: TeaCache's own decision resets its sum
                 signal_out.append(rescaled)
                 layout.signals.append(f"signal__{site.name}__score")
             weight_operand: list[fx.Node] = []
@@ -348,7 +349,7 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
         if site.probe is not None:
             with graph.inserting_before(results[-1].next):
                 new_state[tea[0].name] = graph.call_method("clone", (site.probe,), {"memory_format": torch.contiguous_format})
-                new_state[tea[1].name] = graph.call_function(ops.keep_if, (pred, total))
+                new_state[tea[1].name] = graph.call_function(ops.keep_if, (tea_verdict, total))
         signal_out.append(pred)
         layout.signals.append(f"signal__{site.name}__reused")
 

@@ -53,7 +53,8 @@ class AdaCorrection(Policy):
     accept: float = 0.0
     veto: float = 0.2
     band: bool = False
-    scales: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Not part of the hash (a dict is unhashable); __post_init__ keeps a private copy.
+    scales: dict[str, float] = dataclasses.field(default_factory=dict, hash=False)
     reuse: Literal["residual", "base"] = "residual"
 
     def __post_init__(self) -> None:

@@ -54,13 +54,14 @@ def _model_shape(model: nn.Module) -> tuple[int, int]:
     return in_ch, size
 
 
-@torch.no_grad()
 def _owns_trajectory(model: nn.Module) -> bool:
     """Whether ``model`` is compiled with a policy that needs the runtime to own the loop."""
-    policy = getattr(model, "policy", None)
-    return bool(getattr(policy, "owns_trajectory", False))
+    from adacache.runtime.module import CachedModule
+
+    return isinstance(model, CachedModule) and model.policy.owns_trajectory
 
 
+@torch.no_grad()
 def sample(
     model: nn.Module,
     class_labels: Sequence[int] | torch.Tensor,
