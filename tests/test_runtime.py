@@ -217,8 +217,8 @@ def test_nan_cache_is_never_reused_and_is_counted():
     assert torch.isfinite(out).all(), "step 1 must recompute instead of reusing the NaN cache"
     assert torch.allclose(out, expected, atol=1e-6)
     summary = adacache.summary(cached)
-    assert summary.nonfinite >= 4
-    assert summary.per_step[1]["reused"] == {f"site_{i}": False for i in range(4)}
+    assert summary.nonfinite >= 1
+    assert summary.per_step[1]["reused"] == {"site_0": False}
 
 
 def test_concurrent_requests_do_not_mix_caches():
@@ -313,9 +313,9 @@ def test_summary_reports_hits_flops_and_memory():
     denoise(cached, inputs)
     summary = adacache.summary(cached)
     assert summary.hit_rate == pytest.approx(0.5)
-    assert summary.cache_bytes == 4 * (2 * 16 * 64 * 4 + 1)
+    assert summary.cache_bytes == 2 * 16 * 64 * 4 + 1, "one span: the last block's output and a validity flag"
     text = str(summary)
-    assert "hit rate 50.0%" in text and "blocks.3" in text
+    assert "hit rate 50.0%" in text and "blocks.0..3" in text
     assert output_tensor(torch.zeros(1)).shape == (1,)
     with torch.inference_mode():  # FLOP counting must not need autograd
         fresh = adacache.compile(model, adacache.FORA(interval=2))

@@ -186,6 +186,17 @@ class Policy:
             )
         return units
 
+    def _span_site(self, blocks: list[Region], reuse: ReuseForm) -> list[SitePlan]:
+        """One site over every block, for policies whose schedule is the same for all blocks.
+
+        Reusing a span is the same computation as reusing each block of it: stale outputs
+        chain to the last block's stale output, and residuals telescope to the span's
+        residual (and so do their Taylor forecasts, which are linear). One decision per step
+        instead of one per block, and one cache tensor per stream instead of one per block.
+        """
+        return [SitePlan(name="site_0", label=span_label(blocks), regions=tuple(blocks), reuse=reuse,
+                         blocks=tuple(b.name for b in blocks))]
+
     def _per_unit_sites(self, blocks: list[Region], reuse: ReuseForm) -> list[SitePlan]:
         return [
             SitePlan(name=f"site_{i}", label=region.name, regions=(region,), reuse=reuse, blocks=(block,))

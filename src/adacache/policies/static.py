@@ -42,6 +42,9 @@ class FORA(Policy):
     Survey Sec. III-C (Selvaraju et al., 2024). Steps ``0 .. warmup-1`` always compute;
     after that, step ``s`` computes when ``(s - warmup) % interval == 0``.
 
+    At block granularity all blocks form one cache site (one span): with a schedule shared by
+    every block that is the same computation as a site per block, at less cost.
+
     Args:
         interval: N, the period of full computation (1 = never reuse).
         warmup: leading steps that always compute.
@@ -71,7 +74,9 @@ class FORA(Policy):
         )
 
     def plan(self, blocks: list[Region]) -> list[SitePlan]:
-        return self._per_unit_sites(blocks, self.reuse or "output")
+        if self.granularity == "block":
+            return self._span_site(blocks, self.reuse or "output")
+        return self._per_unit_sites(blocks, "output")
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return {"kind": "interval", "interval": self.interval, "warmup": self.warmup}

@@ -43,7 +43,10 @@ class TaylorSeer(Policy):
         check(not (self.granularity == "module" and self.reuse == "residual"), name, "module outputs have no residual form; use reuse='output'")
 
     def plan(self, blocks: list[Region]) -> list[SitePlan]:
-        sites = self._per_unit_sites(blocks, self.reuse or ("residual" if self.granularity == "block" else "output"))
+        if self.granularity == "block":
+            sites = self._span_site(blocks, self.reuse or "residual")
+        else:
+            sites = self._per_unit_sites(blocks, self.reuse or "output")
         for site in sites:
             site.order = self.order
         return sites
