@@ -15,15 +15,19 @@ from families import FAMILIES
 
 
 @given(t1=st.integers(0, 30), width=st.integers(1, 10))
-def test_reflection_weight_is_the_logarithmic_average(t1, width):
+def test_reflection_weight_is_the_papers_logarithmic_average_in_step_order(t1, width):
     t2 = t1 + width
-    weights = [reflection_weight(k, t1, t2) for k in range(t1, t2)]
-    assert weights[0] == pytest.approx(1.0)
+    weights = [reflection_weight(k, t1, t2) for k in range(t1 + 1, t2 + 1)]
+    assert weights[-1] == pytest.approx(1.0), "the new anchor's own features at the new anchor"
     assert all(0 < w <= 1 for w in weights)
-    assert all(a > b for a, b in zip(weights, weights[1:])), "monotonically decreasing"
-    assert weights[-1] == pytest.approx(math.log(2) / math.log(width + 1))
+    assert all(a < b for a, b in zip(weights, weights[1:])), "the nearer the new anchor, the more it counts"
+    # The paper's formula in diffusion timesteps (T1 = the new anchor's, T2 = the earlier one's).
+    T1, T2 = 1000 - 20 * t2, 1000 - 20 * t1
+    for k, w in zip(range(t1 + 1, t2 + 1), weights):
+        K = 1000 - 20 * k
+        assert w == pytest.approx(math.log((T2 - K) / 20 + 1) / math.log((T2 - T1) / 20 + 1))
     with pytest.raises(ValueError):
-        reflection_weight(t2, t1, t2)
+        reflection_weight(t1, t1, t2)
 
 
 def _setup(policy):

@@ -14,14 +14,22 @@ from .teacache import TeaCache
 
 
 def reflection_weight(k: int, t1: int, t2: int) -> float:
-    """The logarithmic averaging weight ``w = log(t2 - k + 1) / log(t2 - t1 + 1)`` for ``t1 <= k < t2``.
+    """Weight of the *new* anchor's forecast at step ``k`` of a window, ``t1 < k <= t2``.
 
-    ``w`` is the weight of the forecast from the *new* anchor ``t2``; it is 1 at ``k = t1`` and
-    falls towards ``t2``, as printed in the paper.
+    Steps are counted as the sampler runs (``t1`` the earlier full computation, ``t2`` the new
+    one). The paper writes its logarithmic weight in diffusion timesteps, which run the other
+    way: ``w = log(T2 - K + 1) / log(T2 - T1 + 1)`` for ``T1 <= K < T2``, where ``T1`` is the
+    timestep of the *new* full computation and ``T2`` that of the earlier one (its Fig. 3: the
+    window after timestep ``t`` is recomputed at ``t-1 .. t-n`` with ``t-n`` the new anchor).
+    In steps, ``T2 - K = k - t1`` and ``T2 - T1 = t2 - t1``:
+
+        w = log(k - t1 + 1) / log(t2 - t1 + 1)
+
+    1 at the new anchor and falling towards the earlier one, whose own forecast gets ``1 - w``.
     """
-    if not t1 <= k < t2:
-        raise ValueError(f"k={k} outside the window [{t1}, {t2})")
-    return math.log(t2 - k + 1) / math.log(t2 - t1 + 1)
+    if not t1 < k <= t2:
+        raise ValueError(f"k={k} outside the window ({t1}, {t2}]")
+    return math.log(k - t1 + 1) / math.log(t2 - t1 + 1)
 
 
 @policy_dataclass
@@ -31,7 +39,7 @@ class ZCache(Policy):
     Forward with the base's forecasts until the next full computation at step ``t2``; then
     roll the sampler back to the previous anchor ``t1``, re-predict every intermediate step
     ``t1 < k < t2`` as ``(1 - w) F_{A}(k) + w F_{A + t2}(k)`` (``w`` the logarithmic weight of
-    :func:`reflection_weight`), re-run the sampler over the window with those features (only
+    :func:`reflection_weight`, largest near the new anchor), re-run the sampler over the window with those features (only
     the non-block part of the network runs), and take step ``t2`` on the re-sampled latent
     with the new anchor's features, without another full computation.
 
