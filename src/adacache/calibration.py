@@ -200,7 +200,7 @@ def fit_offset_scales(model: nn.Module, policy: AdaCorrection, run: Callable[[nn
     policy computes) and the true relative error of reusing the previous step's cache in the
     unit's reuse form. The scale is the median of ``error / S``. On the reference model this
     lifts the rank correlation of score and error within a step, across blocks, from +0.14 to
-    +0.52 (residual reuse) and +0.40 to +0.93 (output reuse) on held-out seeds
+    +0.48 (residual reuse) and from +0.40 to +0.67 (output reuse) on held-out seeds
     (BENCHMARKS.md), because blocks differ several-fold in how much error a given input drift
     causes.
     """

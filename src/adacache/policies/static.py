@@ -52,7 +52,7 @@ class FORA(Policy):
             feed-forward outputs and recomputes norms, modulation and residual adds fresh.
         reuse: ``output`` (reuse the stale block output, the default) or ``residual``
             (Δ-DiT: reuse ``block(x) - x`` on the current ``x``). Measured on the reference
-            model (BENCHMARKS.md), FORA(interval=3) kept 42.0 dB with output reuse and 38.2 dB
+            model (BENCHMARKS.md), FORA(interval=3) kept 42.0 dB with output reuse and 38.1 dB
             with residual reuse at the same speed, so output is the default here;
             sub-modules always reuse outputs.
     """
