@@ -86,10 +86,12 @@ def main() -> None:
                              "calibrated temporal (output reuse)": float(temporal.max()) * scales["output"][block]})
     report = {"samples": args.samples, "steps": args.steps, "guidance": args.guidance, "lags": args.lags, "predictors": {},
               "calibration_seeds": list(CALIBRATION_SEEDS), "scales": scales}
-    predictors = [(name, "err") for name in ("temporal", "spatial", "S", "input_rel_l1", "calibrated temporal")]
-    predictors += [("temporal (output reuse)", "err_output"), ("calibrated temporal (output reuse)", "err_output")]
-    for name, target in predictors:
-        values = np.array([r[name.replace(" (output reuse)", "") if name == "temporal (output reuse)" else name] for r in rows])
+    # (row label, predictor field, true-error field)
+    predictors = [(name, name, "err") for name in ("temporal", "spatial", "S", "input_rel_l1", "calibrated temporal")]
+    predictors += [("temporal (output reuse)", "temporal", "err_output"),
+                   ("calibrated temporal (output reuse)", "calibrated temporal (output reuse)", "err_output")]
+    for name, field, target in predictors:
+        values = np.array([r[field] for r in rows])
         err = np.array([r[target] for r in rows])
         overall = spearmanr(values, err).statistic
         within = []

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from .insert_cache import STATE_COPY
+
 
 def branch(pred: torch.Tensor, true_fn: Callable[..., Any], false_fn: Callable[..., Any], operands: Sequence[Any]) -> Any:
     """Run exactly one of the two branches, as ``torch.cond`` does, without its dispatch cost."""
@@ -43,8 +45,6 @@ def drop_state_copies(gm: fx.GraphModule) -> fx.GraphModule:
     :func:`lower_cond_to_python` that rule is gone, and the state tensors are owned by the
     runtime alone (nothing writes to them in place), so the branch can return them as they are.
     """
-    from .insert_cache import STATE_COPY
-
     for name, module in list(gm.named_children()):
         if not isinstance(module, fx.GraphModule) or not any(n.meta.get(STATE_COPY) for n in module.graph.nodes):
             continue

@@ -101,27 +101,24 @@ def _count_flops(program: Program) -> dict[str, int]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
+    flops: dict[str, int] = {}
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    root = program.portable
     # FlopCounterMode tracks modules through autograd hooks, which inference mode forbids:
     # count outside it, so that summary() works inside ``torch.inference_mode()`` blocks.
     with torch.inference_mode(False):
-        return _count_flops_by_site(program, FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode)
-
-
-def _count_flops_by_site(program: Program, mode: Any, counter_type: Any) -> dict[str, int]:
-    flops: dict[str, int] = {}
-    root = program.portable
-    for site in program.layout.sites:
-        region = site.regions[0]
-        module = root.get_submodule(site.name)
-        params = [operator.attrgetter(target)(root) for target in site.params]
-        inputs = [*_fake_inputs(region.inputs, mode), *params]
-        counter = counter_type(display=False)
+        for site in program.layout.sites:
+            region = site.regions[0]
+            module = root.get_submodule(site.name)
+            params = [operator.attrgetter(target)(root) for target in site.params]
+            inputs = [*_fake_inputs(region.inputs, mode), *params]
+            counter = FlopCounterMode(display=False)
+            with mode, counter, torch.no_grad():
+                module(*inputs)
+            flops[site.name] = counter.get_total_flops()
+        placeholders = [n for n in program.original.graph.nodes if n.op == "placeholder"]
+        counter = FlopCounterMode(display=False)
         with mode, counter, torch.no_grad():
-            module(*inputs)
-        flops[site.name] = counter.get_total_flops()
-    placeholders = [n for n in program.original.graph.nodes if n.op == "placeholder"]
-    counter = counter_type(display=False)
-    with mode, counter, torch.no_grad():
-        program.original(*_fake_inputs(placeholders, mode))
+            program.original(*_fake_inputs(placeholders, mode))
     flops["<model>"] = counter.get_total_flops()
     return flops

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from .. import stepping
 from ..errors import PolicyError
 from ..policies.zcache import ZCache, reflection_weight
 from .module import CachedModule
@@ -166,7 +165,11 @@ def sample(
 def _computed_everything(session: Session, step: int) -> bool:
     """Whether every call of ``step`` computed every cached site: a full step, i.e. a window
     boundary. Read from what the step did, so adaptive bases (TeaCache) work like static ones."""
-    calls = [rec for rec in session.stats.records if rec.step == step]
+    calls = []
+    for rec in reversed(session.stats.records):  # this step's calls are the latest ones
+        if rec.step != step:
+            break
+        calls.append(rec)
     return bool(calls) and not any(bool(flag) for rec in calls for flag in rec.reused.values())
 
 
