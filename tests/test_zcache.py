@@ -71,6 +71,17 @@ def test_zcache_reflects_each_window_at_small_extra_cost():
     assert not torch.allclose(out, plain), "reflection changes the trajectory"
 
 
+@pytest.mark.parametrize("reflect_final_window, replays", [(False, 6), (True, 9)])
+def test_the_window_closing_at_the_last_step_is_reflected_only_on_request(reflect_final_window, replays):
+    policy = adacache.ZCache(base=adacache.TaylorSeer(order=1, interval=3), reflect_final_window=reflect_final_window)
+    _, cached, scheduler, x0, denoise = _setup(policy)
+    scheduler.set_timesteps(11)  # full steps at 0, 1, 4, 7 and 10, the last
+    adacache.sample(cached, scheduler, x0, denoise)
+    stats = cached.current_session().stats
+    assert not any(bool(flag) for rec in stats.records if rec.step == 10 for flag in rec.reused.values())
+    assert stats.replays == replays
+
+
 def test_reference_sampler_hands_zcache_to_the_runtime_loop():
     from adacache.reference import load_reference_model, sample
     from adacache.reference.model import build_scheduler
@@ -103,7 +114,7 @@ def test_zcache_over_teacache_reflects_the_adaptive_windows_it_took():
     out = adacache.sample(cached, scheduler, x0, denoise)
     stats = cached.current_session().stats
     full = [rec.step for rec in stats.records if not bool(rec.reused["site_0"])]
-    windows = [(a, b) for a, b in zip(full, full[1:]) if b - a > 1]
+    windows = [(a, b) for a, b in zip(full, full[1:]) if b - a > 1 and b < 11]  # step 11 is the last
     assert windows, "the threshold leaves some windows to reflect"
     # each window (t1, t2] replays its intermediate steps and step t2, without block compute
     assert stats.replays == sum(b - a for a, b in windows)
@@ -135,6 +146,8 @@ def test_zcache_refuses_what_it_cannot_do(tmp_path):
         adacache.sample(cached, scheduler, x0, denoise, step_kwargs={"eta": 0.5})
     with pytest.raises(adacache.PolicyError, match="TaylorSeer"):
         adacache.ZCache(base=adacache.FORA(interval=3))
+    with pytest.raises(adacache.PolicyError, match="reflect_final_window must be a bool"):
+        adacache.ZCache(reflect_final_window="yes")
     _, inputs, _ = FAMILIES["tiny_dit"]()
     with pytest.raises(adacache.ExportError, match="ZCache cannot be exported to onnx"):
         adacache.export(cached, tmp_path / "z", example_inputs=((), inputs(torch.tensor(900.0))))

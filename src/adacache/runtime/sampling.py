@@ -153,7 +153,8 @@ def sample(
         for i, t in enumerate(timesteps):
             out = denoise(model, x, t)
             full = zcache and _computed_everything(session, i)
-            if full and anchor is not None and i - anchor.step > 1:
+            final = i == len(timesteps) - 1
+            if full and anchor is not None and i - anchor.step > 1 and (not final or model.policy.reflect_final_window):
                 x, out, sched = _reflect(model, session, anchor, i, timesteps, denoise, step_kwargs)
                 scheduler = _restore(scheduler, sched)
             x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
