@@ -107,6 +107,8 @@ def test_adacorrection_splits_a_first_block_cache_span_per_block():
         adacache.AdaCorrection(accept=0.6, veto=0.5)
     with pytest.raises(ValueError, match="base"):
         adacache.AdaCorrection(base="FORA")
+    with pytest.raises(adacache.PolicyError, match=r"NoCache\(\) keeps no cache.*FORA\(interval=1\)"):
+        adacache.AdaCorrection(base=adacache.NoCache())
 
 
 def test_adacorrection_exports_to_onnx(tmp_path):

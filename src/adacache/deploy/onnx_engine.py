@@ -1,8 +1,9 @@
 """Run an exported cached model with ONNX Runtime: needs onnxruntime and numpy, not torch.
 
-The cache state stays in preallocated ``OrtValue`` buffers on the execution provider's
-device. Each call binds the current buffers as inputs and the spare ones as outputs
-(IOBinding), then swaps them, so a GPU provider never copies cache state to the host.
+The cache state stays in two preallocated ``OrtValue`` buffers on the execution provider's
+device. Two IOBindings per CFG slot, made once, each read one buffer and write the other;
+calls alternate between them (ping-pong), so a GPU provider never copies cache state to the
+host and a step only rebinds its user inputs and controls.
 """
 
 from __future__ import annotations
@@ -70,8 +71,7 @@ class OnnxEngine:
         self.tracker = StepTracker()
         self.inputs = [i for i in self.manifest["inputs"] if i["role"] == "user"]
         self.outputs = [o for o in self.manifest["outputs"] if o["role"] == "user"]
-        self._slots: dict[int, list[Any]] = {}
-        self._spare: dict[int, list[Any]] = {}
+        self._slots: dict[int, _SlotBuffers] = {}
         self._flags = {v: self._device_value(np.array(v)) for v in (False, True)}
         self.reused: dict[str, int] = {c["site"]: 0 for c in self.manifest["controls"]}
         self.calls = 0
@@ -90,22 +90,18 @@ class OnnxEngine:
         return self._ort.OrtValue.ortvalue_from_numpy(dense, self.device, 0)
 
     def _initial_state(self) -> list[Any]:
+        # Allocated from arrays (not from a shape) so that 0-d flags keep their 0-d shape.
         values = []
         for state in self.manifest["states"]:
             init = np.zeros(state["shape"], dtype=_np_dtype(state["dtype"]))
             values.append(self._device_value(init))
         return values
 
-    def _spare_state(self) -> list[Any]:
-        # Allocated from arrays (not from a shape) so that 0-d flags keep their 0-d shape.
-        return self._initial_state()
-
     # -- calling ------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the caches; the next call starts a new generation."""
         self.tracker.reset()
         self._slots.clear()
-        self._spare.clear()
 
     def _check_inputs(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         names = [i["name"] for i in self.inputs]
@@ -138,16 +134,17 @@ class OnnxEngine:
         arrays = self._check_inputs(feeds)
         if self.tracker.advance(self._timestep(arrays)):
             self._slots.clear()
-            self._spare.clear()
         slot = self.tracker.slot
         if slot not in self._slots:
-            self._slots[slot] = self._initial_state()
-            self._spare[slot] = self._spare_state()
-        current, spare = self._slots[slot], self._spare[slot]
+            self._slots[slot] = _SlotBuffers(self._bind_slot())
+        buffers = self._slots[slot]
+        binding = buffers.bindings[buffers.parity]
 
-        binding = self.session.io_binding()
         for name, array in arrays.items():
-            binding.bind_ortvalue_input(name, self._device_value(array))
+            if self.device == "cpu":
+                binding.bind_cpu_input(name, np.ascontiguousarray(array) if array.ndim else array)  # no OrtValue to build: ORT reads the array in place
+            else:
+                binding.bind_ortvalue_input(name, self._device_value(array))
         schedules = self.manifest["schedules"]
         forecast = self.manifest.get("forecast")
         if forecast:
@@ -157,15 +154,6 @@ class OnnxEngine:
         for control in self.manifest["controls"]:
             allowed = allow_reuse(schedules[control["site"]], self.tracker.step)
             binding.bind_ortvalue_input(control["name"], self._flags[allowed])
-        for state, value in zip(self.manifest["states"], current):
-            binding.bind_ortvalue_input(state["name"], value)
-        # Outputs are bound in the graph's output order: get_outputs() returns that order.
-        for out in self.outputs:
-            binding.bind_output(out["name"], self.device)
-        for state, value in zip(self.manifest["states"], spare):
-            binding.bind_ortvalue_output(state["output"], value)
-        for signal in self.manifest["signals"]:
-            binding.bind_output(signal["name"], "cpu")
         self.session.run_with_iobinding(binding)
         results = binding.get_outputs()
         n_user = len(self.outputs)
@@ -174,6 +162,36 @@ class OnnxEngine:
         for signal, value in zip(self.manifest["signals"], results[n_user + n_state :]):
             if signal["kind"] == "reused" and bool(value.numpy()):
                 self.reused[signal["site"]] += 1
-        self._slots[slot], self._spare[slot] = spare, current
+        buffers.parity ^= 1  # the outputs just written are the next call's inputs
         self.calls += 1
         return user
+
+    def _bind_slot(self) -> tuple[Any, Any]:
+        """Two bindings over two state buffers, each reading one and writing the other.
+
+        Bound once per CFG slot and generation, so a step only rebinds its user inputs and
+        controls; alternating between the two is the ping-pong of the cache state.
+        """
+        buffers = (self._initial_state(), self._initial_state())
+        bindings = []
+        for read, write in (buffers, buffers[::-1]):
+            binding = self.session.io_binding()
+            for state, value in zip(self.manifest["states"], read):
+                binding.bind_ortvalue_input(state["name"], value)
+            # Outputs are bound in the graph's output order: get_outputs() returns that order.
+            for out in self.outputs:
+                binding.bind_output(out["name"], self.device)
+            for state, value in zip(self.manifest["states"], write):
+                binding.bind_ortvalue_output(state["output"], value)
+            for signal in self.manifest["signals"]:
+                binding.bind_output(signal["name"], "cpu")
+            bindings.append(binding)
+        return bindings[0], bindings[1]
+
+
+class _SlotBuffers:
+    """One CFG slot's two IOBindings and which of them the next call uses."""
+
+    def __init__(self, bindings: tuple[Any, Any]) -> None:
+        self.bindings = bindings
+        self.parity = 0

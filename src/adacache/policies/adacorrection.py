@@ -9,6 +9,7 @@ from ..errors import PolicyError
 from ..passes.regions import Region
 from .base import OffsetRule, Policy, SitePlan, check, policy_dataclass, span_label
 from .first_block import FirstBlockCache
+from .static import NoCache
 
 
 @policy_dataclass
@@ -60,6 +61,8 @@ class AdaCorrection(Policy):
     def __post_init__(self) -> None:
         name = "AdaCorrection"
         check(isinstance(self.base, Policy) and not isinstance(self.base, AdaCorrection), name, f"base must be a policy other than AdaCorrection, got {self.base!r}")
+        check(not isinstance(self.base, NoCache), name, "base=NoCache() keeps no cache to reuse; for AdaCorrection's own "
+              "decisions alone use base=FORA(interval=1) (caches every step, proposes no reuse) with accept > 0")
         check(isinstance(self.gamma, (int, float)) and self.gamma > 0, name, f"gamma must be > 0, got {self.gamma!r}")
         check(isinstance(self.lam, (int, float)) and self.lam >= 0, name, f"lam must be >= 0, got {self.lam!r}")
         check(self.score in ("temporal", "paper"), name, f"score must be 'temporal' or 'paper', got {self.score!r}")
