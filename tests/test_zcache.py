@@ -58,6 +58,16 @@ def test_sample_without_reflection_is_the_plain_loop():
     assert torch.equal(got, x)
 
 
+def test_runtime_loop_shows_progress_on_request(capsys):
+    _, cached, scheduler, x0, denoise = _setup(adacache.ZCache(base=adacache.TaylorSeer(order=1, interval=3)))
+    quiet = adacache.sample(cached, scheduler, x0, denoise)
+    assert "sampling" not in capsys.readouterr().err
+    shown = adacache.sample(cached, scheduler, x0, denoise, progress=True)
+    err = capsys.readouterr().err
+    assert "sampling: 100%" in err and "12/12" in err
+    assert torch.equal(quiet, shown)
+
+
 def test_zcache_reflects_each_window_at_small_extra_cost():
     model, cached, scheduler, x0, denoise = _setup(adacache.ZCache(base=adacache.TaylorSeer(order=1, interval=3)))
     out = adacache.sample(cached, scheduler, x0, denoise)

@@ -147,7 +147,7 @@ def sample(
         # Z-Cache rewrites the trajectory: the runtime's loop runs the same steps.
         from adacache.runtime.sampling import sample as runtime_sample
 
-        x = runtime_sample(model, sched, x, denoise)
+        x = runtime_sample(model, sched, x, denoise, progress=progress)
     else:
         steps = sched.timesteps
         if progress:

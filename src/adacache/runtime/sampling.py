@@ -122,6 +122,7 @@ def sample(
     *,
     timesteps: Any = None,
     step_kwargs: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Run a denoising loop with ``model`` (from ``adacache.compile``), owning the trajectory.
 
@@ -134,6 +135,7 @@ def sample(
             during reflection) and nothing else stateful.
         timesteps: defaults to ``scheduler.timesteps``.
         step_kwargs: extra arguments for ``scheduler.step``.
+        progress: show a tqdm bar over the steps (reflections run inside a step's tick).
 
     Returns:
         The final latents.
@@ -149,8 +151,13 @@ def sample(
     session = model.current_session()
     x = latents
     anchor: _Anchor | None = None
+    steps: Any = enumerate(timesteps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, total=len(timesteps), desc="sampling")
     with torch.inference_mode():
-        for i, t in enumerate(timesteps):
+        for i, t in steps:
             out = denoise(model, x, t)
             full = zcache and _computed_everything(session, i)
             final = i == len(timesteps) - 1
