@@ -50,19 +50,33 @@ def table_one_variants(fitted_teacache: adacache.TeaCache) -> list[tuple[str, An
         for veto in (0.2, 0.5):
             out.append((f"calibrated(AdaCorrection(base={text}, veto={veto}))", Calibrated(adacache.AdaCorrection(base=base, veto=veto))))
         out.append((f"calibrated(AdaCorrection(base={text}, veto=0.5, band=True))", Calibrated(adacache.AdaCorrection(base=base, veto=0.5, band=True))))
+        # The paper's other direction: also reuse where the base would compute, when the predicted error is small.
+        out.append((f"calibrated(AdaCorrection(base={text}, accept=0.05, veto=0.5))", Calibrated(adacache.AdaCorrection(base=base, accept=0.05, veto=0.5))))
         if text.startswith("FORA"):
             out.append((f"calibrated(AdaCorrection(base={text}, veto=0.5, reuse='base'))", Calibrated(adacache.AdaCorrection(base=base, veto=0.5, reuse="base"))))
+    # AdaCorrection deciding alone: a base that caches every step and proposes no reuse.
+    for tolerance in (0.05, 0.1):
+        policy = adacache.AdaCorrection(base=adacache.FORA(interval=1), accept=tolerance, veto=tolerance)
+        out.append((f"calibrated(AdaCorrection(base=FORA(interval=1), accept={tolerance}, veto={tolerance}))", Calibrated(policy)))
     return out
 
 
 def zcache_variants(fitted: dict[float, adacache.TeaCache]) -> list[tuple[str, Any]]:
-    """Z-Cache against its base at the same setting: TaylorSeer intervals, calibrated TeaCache thresholds."""
+    """Z-Cache against its base at the same setting: TaylorSeer intervals, calibrated TeaCache
+    thresholds; the paper's logarithmic weight and the linear one; and once with the final
+    window reflected (the default leaves it alone)."""
     out: list[tuple[str, Any]] = []
-    for interval in (3, 5, 8):
-        base = adacache.TaylorSeer(order=1, interval=interval)
-        out += [(base.describe(), base), (f"ZCache(base={base.describe()})", adacache.ZCache(base=base))]
+
+    def with_zcache(label: str, base: Any) -> list[tuple[str, Any]]:
+        return [(label, base), (f"ZCache(base={label})", adacache.ZCache(base=base)),
+                (f"ZCache(base={label}, weight='linear')", adacache.ZCache(base=base, weight="linear"))]
+
+    for interval in (3, 5, 7, 8):
+        out += with_zcache(f"TaylorSeer(order=1, interval={interval})", adacache.TaylorSeer(order=1, interval=interval))
+    final = adacache.TaylorSeer(order=1, interval=3)
+    out.append(("ZCache(base=TaylorSeer(order=1, interval=3), reflect_final_window=True)", adacache.ZCache(base=final, reflect_final_window=True)))
     for threshold, tea in fitted.items():
-        out += [(f"TeaCache({threshold}), calibrated", tea), (f"ZCache(base=TeaCache({threshold}), calibrated)", adacache.ZCache(base=tea))]
+        out += with_zcache(f"TeaCache({threshold}), calibrated", tea)
     return out
 
 

@@ -28,6 +28,11 @@ def test_reflection_weight_is_the_papers_logarithmic_average_in_step_order(t1, w
         assert w == pytest.approx(math.log((T2 - K) / 20 + 1) / math.log((T2 - T1) / 20 + 1))
     with pytest.raises(ValueError):
         reflection_weight(t1, t1, t2)
+    linear = [reflection_weight(k, t1, t2, "linear") for k in range(t1 + 1, t2 + 1)]
+    assert linear == pytest.approx([(k - t1) / width for k in range(t1 + 1, t2 + 1)])
+    assert all(lin <= log + 1e-12 for lin, log in zip(linear, weights)), "the logarithm front-loads the new anchor"
+    with pytest.raises(ValueError, match="kind"):
+        reflection_weight(t2, t1, t2, "cosine")
 
 
 def _setup(policy):
@@ -79,6 +84,8 @@ def test_zcache_reflects_each_window_at_small_extra_cost():
     assert summary.hit_rate == pytest.approx(7 / 12)
     plain = adacache.sample(adacache.compile(model, adacache.TaylorSeer(order=1, interval=3)), scheduler, x0, denoise)
     assert not torch.allclose(out, plain), "reflection changes the trajectory"
+    linear = adacache.ZCache(base=adacache.TaylorSeer(order=1, interval=3), weight="linear")
+    assert not torch.allclose(out, adacache.sample(adacache.compile(model, linear), scheduler, x0, denoise)), "the weight is used"
 
 
 @pytest.mark.parametrize("reflect_final_window, replays", [(False, 6), (True, 9)])
@@ -158,6 +165,8 @@ def test_zcache_refuses_what_it_cannot_do(tmp_path):
         adacache.ZCache(base=adacache.FORA(interval=3))
     with pytest.raises(adacache.PolicyError, match="reflect_final_window must be a bool"):
         adacache.ZCache(reflect_final_window="yes")
+    with pytest.raises(adacache.PolicyError, match="weight must be 'log' or 'linear'"):
+        adacache.ZCache(weight="cosine")
     _, inputs, _ = FAMILIES["tiny_dit"]()
     with pytest.raises(adacache.ExportError, match="ZCache cannot be exported to onnx"):
         adacache.export(cached, tmp_path / "z", example_inputs=((), inputs(torch.tensor(900.0))))

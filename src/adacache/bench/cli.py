@@ -18,7 +18,7 @@ FULL_POLICIES = (
     "TaylorSeer(order=2, interval=5)", "TaylorSeer(order=1, interval=5, granularity='module')",
     "ZCache(base=TaylorSeer(order=1, interval=3))", "ZCache(base=TaylorSeer(order=1, interval=5))",
     "ZCache(base=TaylorSeer(order=1, interval=6))", "ZCache(base=TaylorSeer(order=1, interval=7))",
-    "ZCache(base=TaylorSeer(order=1, interval=8))",
+    "ZCache(base=TaylorSeer(order=1, interval=8))", "ZCache(base=TaylorSeer(order=1, interval=5), weight='linear')",
     "TeaCache(0.1)", "TeaCache(0.2)",
     "calibrated(TeaCache(0.05))", "calibrated(TeaCache(0.1))", "calibrated(TeaCache(0.2))", "calibrated(TeaCache(0.4))",
     # AdaCorrection over each base: the uncalibrated default, and calibrated at two error tolerances.
@@ -29,6 +29,10 @@ FULL_POLICIES = (
     "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=5)))", "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=5), veto=0.5))",
     "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=8), veto=0.5))",
     "calibrated(AdaCorrection(base=TeaCache(0.1)))", "calibrated(AdaCorrection(base=TeaCache(0.2)))",
+    # ... accepting reuse the base refused, and deciding alone (a base that caches and never reuses).
+    "calibrated(AdaCorrection(base=FORA(interval=3), accept=0.05, veto=0.5))",
+    "calibrated(AdaCorrection(base=FORA(interval=1), accept=0.05, veto=0.05))",
+    "calibrated(AdaCorrection(base=FORA(interval=1), accept=0.1, veto=0.1))",
 )
 
 

@@ -119,6 +119,8 @@ def _family(policy: Policy) -> str:
     """Curve name in tables and plots: the method, and its base for composed policies."""
     base = getattr(policy, "base", None)
     name = type(policy).__name__ + (f"+{type(base).__name__}" if isinstance(base, Policy) else "")
+    if type(base).__name__ == "FORA" and getattr(base, "interval", None) == 1:
+        name = f"{type(policy).__name__} alone"  # a base that caches every step and proposes no reuse
     granularity = getattr(policy, "granularity", "block")
     calibrated = getattr(policy, "calibrated", False) or getattr(base, "calibrated", False)
     return f"adacache {name}" + (" (module)" if granularity == "module" else "") + (" (calibrated)" if calibrated else "")

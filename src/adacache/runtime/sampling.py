@@ -195,7 +195,7 @@ def _reflect(model: CachedModule, session: Session, anchor: _Anchor, t2: int, ti
     scheduler = copy.deepcopy(anchor.scheduler)
     x = anchor.latents.clone()
     for k in range(t1 + 1, t2):
-        w = reflection_weight(k, t1, t2)
+        w = reflection_weight(k, t1, t2, model.policy.weight)
         states = _forecast_states(session, anchor.states, new, k - t1, k - t2, w)
         out = denoise(_Replayer(model, session, states), x, timesteps[k])
         x = scheduler.step(out, timesteps[k], x, **step_kwargs, return_dict=False)[0]
