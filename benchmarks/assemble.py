@@ -117,7 +117,7 @@ def main(out_dir: str, target: str) -> None:
             kept = f"{r['ort_over_eager_graph']:.2f}" if "ort_over_eager_graph" in r else "—"
             parts.append(f"| {model} | {s['eager']:.2f}x | {graph} | {s['inductor']:.2f}x | {s['ort']:.2f}x | {r['kept_under_ort']:.2f} | {kept} |")
         if "reference" in b["models"]:
-            parts += ["", "On the reference model (about 2 ms per step in ONNX Runtime) eager's ratio includes the original"
+            parts += ["", "On the reference model (2-4 ms per step in ONNX Runtime, run to run) eager's ratio includes the original"
                       " module's Python dispatch, which caching skips along with the blocks and which ONNX Runtime never pays;"
                       " the eager-graph column is the ratio without it. docs/findings.md has the analysis and re-runs."]
         parts += [""]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every figure in BENCHMARKS.md on this machine (about 50 minutes on 2 CPU cores).
+# Regenerate every figure in BENCHMARKS.md on this machine (about 65 minutes on 2 CPU cores).
 # Usage: bash benchmarks/regenerate.sh [THREADS]
 set -euo pipefail
 cd "$(dirname "$0")/.."

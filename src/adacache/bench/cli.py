@@ -43,7 +43,7 @@ def add_bench_parser(sub: Any) -> None:
         help="speed and fidelity of policies vs full computation (and vs diffusers / cache-dit with --anchors)",
         description="Runs policies x settings on the reference model (quality and speed) and on DiT-S/2 / DiT-B/2 "
         "sized random-weight models (speed only). Writes results.json, results.md and pareto.png. "
-        "Measured on 2 CPU cores: --anchors --samples 50 --guidance 4.0 --speed-models dit-s took 29 minutes "
+        "Measured on 2 CPU cores: --anchors --samples 50 --guidance 4.0 --speed-models dit-s took 30 minutes "
         "(BENCHMARKS.md); the default quadruples the samples, adds CFG 1.5 and the DiT-B/2 speed track, and was not timed.",
     )
     p.add_argument("--quick", action="store_true", help="3 policies, 20 samples, CFG 4.0 only, no speed track")

@@ -62,7 +62,11 @@ class ZCache(Policy):
     reference model the features of the last step are so unlike the steps before it that
     blending them back into the window spoils the end of the trajectory (TaylorSeer(order=1,
     interval=3) 43.0 dB alone, 31.6 dB with that window reflected, 43.7 dB without it; interval 8:
-    27.9 / 15.0 / 28.9 dB; see docs/findings.md).
+    27.9 / 15.0 / 28.9 dB; see docs/findings.md). Reflection needs forecasts that follow the
+    drift: over plain reuse (``TaylorSeer(order=0, reuse="output")``, FORA's form) the
+    logarithmic weight pulls each window towards the new anchor long before the features get
+    there (interval 8: 8.6 dB against FORA's 31.0), and over long TeaCache windows the same
+    happens (``weight="linear"`` is gentler; both are measured in BENCHMARKS.md).
 
     Args:
         base: TaylorSeer (static windows) or TeaCache (adaptive windows).
