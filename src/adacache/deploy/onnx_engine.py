@@ -158,7 +158,10 @@ class OnnxEngine:
         results = binding.get_outputs()
         n_user = len(self.outputs)
         n_state = len(self.manifest["states"])
-        user = {o["name"]: v.numpy() for o, v in zip(self.outputs, results[:n_user])}
+        # On CPU, numpy() is a view of the output buffer, which the binding hands to ORT again two
+        # calls later: copy, or a result the caller kept would change under it. (On a GPU
+        # provider numpy() already copies to the host.)
+        user = {o["name"]: _owned(v.numpy(), self.device) for o, v in zip(self.outputs, results[:n_user])}
         for signal, value in zip(self.manifest["signals"], results[n_user + n_state :]):
             if signal["kind"] == "reused" and bool(value.numpy()):
                 self.reused[signal["site"]] += 1
@@ -187,6 +190,10 @@ class OnnxEngine:
                 binding.bind_output(signal["name"], "cpu")
             bindings.append(binding)
         return bindings[0], bindings[1]
+
+
+def _owned(array: np.ndarray, device: str) -> np.ndarray:
+    return array.copy() if device == "cpu" else array
 
 
 class _SlotBuffers:
