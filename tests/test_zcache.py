@@ -63,6 +63,23 @@ def test_sample_without_reflection_is_the_plain_loop():
     assert torch.equal(got, x)
 
 
+@pytest.mark.parametrize("interval", [3, 4])
+def test_reflection_with_the_old_anchor_alone_reproduces_the_base(monkeypatch, interval):
+    """Weight 0 replays each window with the base's own forecasts, and step t2 on the same latent
+    with the fresh features: the trajectory must be the base's, which pins the replay mechanics
+    (state forecasts, scheduler roll-back, slot order) apart from the blend itself."""
+    import adacache.runtime.sampling as runtime_sampling
+
+    base = adacache.TaylorSeer(order=1, interval=interval)
+    model, cached, scheduler, x0, denoise = _setup(base)
+    expected = adacache.sample(cached, scheduler, x0, denoise)
+    monkeypatch.setattr(runtime_sampling, "reflection_weight", lambda k, t1, t2, kind="log": 1.0 if k == t2 else 0.0)
+    zcache = adacache.compile(model, adacache.ZCache(base=base))
+    got = adacache.sample(zcache, scheduler, x0, denoise)
+    assert zcache.current_session().stats.replays > 0
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_runtime_loop_shows_progress_on_request(capsys):
     _, cached, scheduler, x0, denoise = _setup(adacache.ZCache(base=adacache.TaylorSeer(order=1, interval=3)))
     quiet = adacache.sample(cached, scheduler, x0, denoise)
