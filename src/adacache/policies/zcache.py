@@ -60,9 +60,9 @@ class ZCache(Policy):
 
     The window that closes at the sampler's *final* step is not reflected by default: on the
     reference model the features of the last step are so unlike the steps before it that
-    blending them back into the window spoils the end of the trajectory (TaylorSeer(order=1,
-    interval=3) 43.0 dB alone, 31.6 dB with that window reflected, 43.7 dB without it; interval 8:
-    27.9 / 15.0 / 28.9 dB; see docs/findings.md). Reflection needs forecasts that follow the
+    blending them back into the window spoils the end of the trajectory (BENCHMARKS.md study:
+    TaylorSeer(order=1, interval=3) 43.3 dB alone, 31.3 dB with that window reflected, 44.0 dB
+    without it; see docs/findings.md). Reflection needs forecasts that follow the
     drift: over plain reuse (``TaylorSeer(order=0, reuse="output")``, FORA's form) the
     logarithmic weight pulls each window towards the new anchor long before the features get
     there (interval 8: 8.6 dB against FORA's 31.0), and over long TeaCache windows the same
