@@ -65,8 +65,9 @@ class ZCache(Policy):
     without it; see docs/findings.md). Reflection needs forecasts that follow the
     drift: over plain reuse (``TaylorSeer(order=0, reuse="output")``, FORA's form) the
     logarithmic weight pulls each window towards the new anchor long before the features get
-    there (interval 8: 8.6 dB against FORA's 31.0), and over long TeaCache windows the same
-    happens (``weight="linear"`` is gentler; both are measured in BENCHMARKS.md).
+    there (a 20-sample scan at interval 8, not part of BENCHMARKS.md: 8.6 dB against FORA's
+    31.0), and over long TeaCache windows the same happens (``weight="linear"`` is gentler;
+    the TeaCache rows are in BENCHMARKS.md).
 
     Args:
         base: TaylorSeer (static windows) or TeaCache (adaptive windows).
