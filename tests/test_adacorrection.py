@@ -43,12 +43,27 @@ def test_correction_weight_is_clipped_worst_item(scores, gamma):
 
 def test_decision_table():
     t, f = torch.tensor(True), torch.tensor(False)
-    w = lambda v: torch.tensor(v)  # noqa: E731
-    assert bool(ops.offset_decision(t, t, w(0.2), 0.0, 0.5)), "base proposes, offset small: reuse"
-    assert not bool(ops.offset_decision(t, t, w(0.6), 0.0, 0.5)), "veto"
-    assert bool(ops.offset_decision(f, t, w(0.05), 0.1, 0.5)), "accept against the base"
-    assert not bool(ops.offset_decision(t, f, w(0.0), 0.1, 0.5)), "never without a valid cache"
-    assert torch.allclose(ops.correct(w(0.25), torch.zeros(3), torch.ones(3)), torch.full((3,), 0.25))
+    s = lambda *v: torch.tensor(v)  # noqa: E731  (per-item scores)
+    assert bool(ops.offset_decision(t, t, s(0.2, 0.1), 1.0, 0.0, 0.5)), "base proposes, offset small: reuse"
+    assert not bool(ops.offset_decision(t, t, s(0.1, 0.6), 1.0, 0.0, 0.5)), "the worst item vetoes"
+    assert not bool(ops.offset_decision(t, t, s(0.2), 4.0, 0.0, 0.5)), "gamma scales the score (w = 0.8)"
+    assert bool(ops.offset_decision(f, t, s(0.05), 1.0, 0.1, 0.5)), "accept against the base"
+    assert not bool(ops.offset_decision(f, t, s(0.05), 1.0, 0.0, 0.5)), "accept 0 is off"
+    assert not bool(ops.offset_decision(f, f, s(0.0), 1.0, 0.1, 0.5)), "never without a valid cache"
+    assert not bool(ops.offset_decision(t, t, s(0.1, float("nan")), 1.0, 0.9, 1.0)), "a NaN score computes"
+    assert not bool(ops.offset_decision(t, t, s(float("inf")), 1.0, 0.0, 1.0)), "an infinite score computes"
+    assert torch.allclose(ops.correct(torch.tensor(0.25), torch.zeros(3), torch.ones(3)), torch.full((3,), 0.25))
+
+
+@given(scores=st.lists(st.floats(0, 5), min_size=1, max_size=4), gamma=st.floats(0.1, 4),
+       accept=st.floats(0, 1), veto=st.floats(0.01, 1), base=st.booleans(), valid=st.booleans())
+def test_decision_matches_the_clipped_weight_rule(scores, gamma, accept, veto, base, valid):
+    """The fused predicate decides exactly as Eq. 6's clipped weight compared with the thresholds."""
+    accept = min(accept, veto)
+    w = min(1.0, max(0.0, gamma * max(scores)))
+    expected = (base and valid and w < veto) or (valid and w < accept)
+    got = ops.offset_decision(torch.tensor(base and valid), torch.tensor(valid), torch.tensor(scores, dtype=torch.float64), gamma, accept, veto)
+    assert bool(got) == expected
 
 
 def reference_adacorrection_fora(model, inputs, interval, gamma, accept, veto, band):

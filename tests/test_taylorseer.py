@@ -92,3 +92,86 @@ def test_taylorseer_exports_to_onnx_with_the_same_forecasts(tmp_path):
     model, inputs, _ = FAMILIES["tiny_dit"]()
     cached = adacache.compile(model, adacache.TaylorSeer(order=1, interval=3))
     assert_onnx_matches_eager(cached, inputs, TIMESTEPS, tmp_path / "ts")
+
+
+def test_taylor_update_refreshes_reanchors_and_resets():
+    """The three cases of ops.taylor_update against direct formulas (order 2)."""
+    from adacache import ops
+
+    gen = torch.Generator().manual_seed(0)
+    fresh, d0, d1, d2 = (torch.randn(2, 3, generator=gen) for _ in range(4))
+    yes, no = torch.tensor(True), torch.tensor(False)
+    # A scheduled full step, dt = 2: finite differences.
+    new = ops.taylor_update(yes, torch.tensor([1.0, 0, 0]), torch.tensor([1.0, 0.5, 0.5]), fresh, d0, d1, d2)
+    assert torch.allclose(new[0], fresh)
+    assert torch.allclose(new[1], (fresh - d0) / 2)
+    assert torch.allclose(new[2], (new[1] - d1) / 2)
+    # A forecast step (k = 2) where the site computed anyway: re-anchored, slopes kept, so the
+    # forecast at this step is the fresh value and later ones continue from it.
+    coef = torch.tensor([1.0, 2.0, 2.0])
+    new = ops.taylor_update(yes, coef, torch.tensor([1.0, 0, 0]), fresh, d0, d1, d2)
+    assert torch.equal(new[1], d1) and torch.equal(new[2], d2)
+    assert torch.allclose(ops.taylor_forecast(coef, *new), fresh, atol=1e-6)
+    later = ops.taylor_forecast(torch.tensor([1.0, 3.0, 4.5]), *new)
+    assert torch.allclose(later, fresh + (3 - 2) * d1 + (4.5 - 2) * d2, atol=1e-6)
+    # Without a valid cache the old terms are never read, even when they hold NaN.
+    nan = torch.full((2, 3), float("nan"))
+    new = ops.taylor_update(no, coef, torch.tensor([1.0, 0.5, 0.5]), fresh, nan, nan, nan)
+    assert torch.equal(new[0], fresh) and not new[1].any() and not new[2].any()
+
+
+def reference_vetoed_taylorseer(model, inputs, interval, veto):
+    """AdaCorrection over block-residual TaylorSeer (order 1, warmup 1) by hand: a vetoed
+    forecast computes the block and re-anchors its expansion at the fresh residual."""
+    from adacache import ops
+
+    state: dict[int, list[torch.Tensor]] = {}  # block -> [D0, D1, cached input]
+    full_steps: list[int] = []
+    outs, flags = [], []
+    with torch.no_grad():
+        for step, t in enumerate(TIMESTEPS):
+            h, c = _embed(model, inputs(t))
+            scheduled_reuse = step >= 1 and (step - 1) % interval != 0 and bool(full_steps)
+            k = step - full_steps[-1] if full_steps else 0
+            slope_known = len(full_steps) >= 2
+            row = []
+            for i, block in enumerate(model.blocks):
+                use = False
+                if scheduled_reuse and i in state:
+                    use = min(1.0, ops.adacorrection_terms(h, state[i][2])[0].max().item()) < veto
+                row.append(use)
+                d = state.get(i)
+                if use:
+                    h = h + d[0] + (k * d[1] if slope_known else 0)
+                    continue
+                out = block(h, c)
+                r = out - h
+                if d is None:
+                    state[i] = [r, torch.zeros_like(r), h.clone()]
+                elif scheduled_reuse:  # vetoed: re-anchor, keep the slope
+                    slope = d[1] if slope_known else torch.zeros_like(r)
+                    state[i] = [r - k * slope, slope, h.clone()]
+                else:
+                    state[i] = [r, (r - d[0]) / (step - full_steps[-1]), h.clone()]
+                h = out
+            if not scheduled_reuse:
+                full_steps.append(step)
+            flags.append(row)
+            outs.append(_final(model, h, c))
+    return outs, flags
+
+
+def test_a_vetoed_taylor_forecast_reanchors_instead_of_dropping_its_slope():
+    from helpers import run_against_reference
+
+    model, inputs, n_blocks = FAMILIES["tiny_dit"]()
+    veto = 0.4
+    expected, reused = reference_vetoed_taylorseer(model, inputs, interval=5, veto=veto)
+    policy = adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=5, warmup=1), veto=veto)
+    cached = adacache.compile(model, policy, example_inputs=((), inputs(TIMESTEPS[0])))
+    run_against_reference(cached, inputs, TIMESTEPS, expected)
+    got = [[rec["reused"][f"site_{i}"] for i in range(n_blocks)] for rec in adacache.summary(cached).per_step]
+    assert got == reused
+    # The case this pins: a block vetoed inside a window and reused later in the same window.
+    assert any(not reused[s][b] and reused[s + 1][b] for s in range(len(reused) - 1) for b in range(n_blocks)
+               if any(reused[s])), reused

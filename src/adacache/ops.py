@@ -68,33 +68,61 @@ def below(score: Tensor, threshold: float) -> Tensor:
 
 
 def taylor_forecast(coef: Tensor, *derivatives: Tensor) -> Tensor:
-    """TaylorSeer's forecast ``sum_i coef[i] * D_i`` (``coef[i] = k**i / i!``, survey Eq. 42)."""
-    out = derivatives[0] * coef[0].to(derivatives[0].dtype)
+    """TaylorSeer's forecast ``sum_i coef[i] * D_i`` (``coef[i] = k**i / i!``, survey Eq. 42).
+
+    ``coef[0]`` is 1 by construction (``k**0 / 0!``; see :func:`adacache.stepping.forecast_controls`),
+    so ``D_0`` enters as it is and each higher term is one fused multiply-add: on a per-block
+    site this runs every reused step, and every dispatched op counts there.
+    """
+    out = derivatives[0]
     for i, d in enumerate(derivatives[1:], start=1):
-        out = out + d * coef[i].to(d.dtype)
+        out = torch.addcmul(out, d, coef[i].to(d.dtype))
     return out
 
 
-def taylor_update(update: Tensor, fresh: Tensor, *old: Tensor) -> list[Tensor]:
-    """Refresh finite differences after a full step: ``D_0' = fresh`` and
+def taylor_update(valid: Tensor, coef: Tensor, update: Tensor, fresh: Tensor, *old: Tensor) -> list[Tensor]:
+    """Refresh the finite differences ``D_0 .. D_m`` after the site computed.
+
+    On a scheduled full step (``coef == [1, 0, ...]``): ``D_0' = fresh`` and
     ``D_i' = (D_{i-1}' - D_{i-1}) * update[i]`` (``update[i]`` is ``1/dt``, or 0 for an order
-    the full steps so far cannot estimate yet)."""
-    new = [fresh]
-    for i in range(1, len(old)):
-        new.append((new[i - 1] - old[i - 1]) * update[i].to(fresh.dtype))
+    the full steps so far cannot estimate yet).
+
+    On a step the schedule meant to forecast but where the site computed anyway (an
+    AdaCorrection veto): ``update[i] == 0`` for ``i >= 1`` and ``coef`` holds this step's Taylor
+    coefficients. The expansion is re-anchored rather than reset:
+    ``D_0' = fresh - sum_{i>=1} coef[i] D_i`` and ``D_i'`` kept, so the rest of the window
+    forecasts from the fresh value with the slopes already measured, instead of falling back
+    to order 0 until the next full step.
+
+    Without a valid cache (``valid`` False: the first step, or a cache that held a NaN) the
+    old terms are not read at all: ``D_0' = fresh`` and every higher difference starts at 0.
+    """
+    gate = valid.to(fresh.dtype)
+    coef_v, update_v = coef.to(fresh.dtype) * gate, update.to(fresh.dtype) * gate
+    # where(), not a product: 0 * NaN is NaN, and an invalid cache may hold anything.
+    prior = [torch.where(valid, d, torch.zeros_like(d)) for d in old]
+    anchor = fresh
+    for i in range(1, len(prior)):
+        anchor = torch.addcmul(anchor, prior[i], -coef_v[i])
+    new = [anchor]
+    for i in range(1, len(prior)):
+        kept = prior[i] * (coef_v[i] != 0).to(fresh.dtype)  # a forecast step's order-i term stays
+        new.append(torch.addcmul(kept, new[i - 1] - prior[i - 1], update_v[i]))
     return new
 
 
 def _offset_tokens(x: Tensor, cached: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``x`` and ``cached`` as (batch, tokens, channels) float32, and the cached input's mean token norm."""
     b, d = x.shape[0], x.shape[-1]
-    xf = x.reshape(b, -1, d).float()
-    cf = cached.reshape(b, -1, d).float()
-    return xf, cf, cf.norm(dim=-1).mean(dim=1).clamp_min(_EPS)
+    xf = x.reshape(b, -1, d)
+    cf = cached.reshape(b, -1, d)
+    if xf.dtype != torch.float32:  # a trace-time branch: no op at all for float32 models
+        xf, cf = xf.float(), cf.float()
+    return xf, cf, torch.linalg.vector_norm(cf, dim=-1).mean(dim=1).clamp_min(_EPS)
 
 
 def _temporal(xf: Tensor, cf: Tensor, scale: Tensor) -> Tensor:
-    return (xf - cf).norm(dim=-1).mean(dim=1) / scale
+    return torch.linalg.vector_norm(xf - cf, dim=-1).mean(dim=1) / scale
 
 
 def _spatial(xf: Tensor, scale: Tensor) -> Tensor:
@@ -141,11 +169,20 @@ def correct(weight: Tensor, cached: Tensor, fresh: Tensor) -> Tensor:
     return (1 - w) * cached + w * fresh
 
 
-def offset_decision(base: Tensor, valid: Tensor, weight: Tensor, accept: float, veto: float) -> Tensor:
-    """AdaCorrection's reuse predicate: the base's proposal unless the offset vetoes it
-    (``weight >= veto``), or reuse regardless when the offset is tiny (``weight < accept``);
-    never without a valid cache."""
-    return valid & ((base & (weight < veto)) | (weight < accept))
+def offset_decision(base: Tensor, valid: Tensor, score: Tensor, gamma: float, accept: float, veto: float) -> Tensor:
+    """AdaCorrection's reuse predicate from the per-item offset scores.
+
+    The base's proposal unless the correction weight of the batch's worst item vetoes it
+    (``clip(gamma * S, 0, 1) >= veto``), or reuse regardless when that weight is tiny
+    (``< accept``); never without a valid cache. Since ``veto <= 1`` the clip never changes
+    a comparison, so the thresholds are compared with ``S`` directly, and a NaN score
+    (``max`` propagates it) fails both comparisons: the unit computes.
+    """
+    worst = score.max()
+    decision = base & (worst < veto / gamma)
+    if accept > 0:  # a trace-time branch: the accept path adds no op when it is off
+        decision = decision | (valid & (worst < accept / gamma))
+    return decision
 
 
 def one_like(x: Tensor) -> Tensor:

@@ -264,13 +264,16 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             if site.offset is not None:
                 kept_in = [g.call_method("clone", (ins[_score_index(region)],), {"memory_format": torch.contiguous_format})]
             if site.order:
-                update = ps[n_params + 1]  # after the forecast coefficients (the band weight, if any, is last)
+                # After the forecast coefficients: the update factors, then the cache's validity
+                # (the band weight, if any, is last).
+                update = ps[n_params + 1]
                 terms = []
                 for i in range(n_out):
-                    new = g.call_function(ops.taylor_update, (update, fresh[i], *st[i * n_terms : (i + 1) * n_terms]))
+                    new = g.call_function(ops.taylor_update, (ps[n_params + 2], ps[n_params], update, fresh[i], *st[i * n_terms : (i + 1) * n_terms]))
                     terms += [g.call_function(operator.getitem, (new, j)) for j in range(n_terms)]
                 fresh = terms
-            return [*_dense(g, outs), *_dense(g, fresh), *kept_in, g.call_function(ops.all_finite, tuple(fresh[::n_terms]))]
+            # Every stored term is checked: a NaN in a higher difference would poison every forecast.
+            return [*_dense(g, outs), *_dense(g, fresh), *kept_in, g.call_function(ops.all_finite, tuple(fresh))]
 
         def build_reuse(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out, n_terms=n_terms, n_params=n_params):
             if site.order:
@@ -311,14 +314,14 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             if site.offset is not None:
                 rule = site.offset
                 offset = graph.call_function(ops.adacorrection_score, (score_src, offset_in[0], rule.lam))
-                weight = graph.call_function(ops.correction_weight, (offset, rule.gamma))
-                pred = graph.call_function(ops.offset_decision, (pred, valid_in, weight, rule.accept, rule.veto))
+                pred = graph.call_function(ops.offset_decision, (pred, valid_in, offset, rule.gamma, rule.accept, rule.veto))
                 signal_out.append(offset)
                 layout.signals.append(f"signal__{site.name}__score")
                 if rule.band:
+                    weight = graph.call_function(ops.correction_weight, (offset, rule.gamma))
                     weight_operand = [graph.call_function(ops.blend, (valid_in, weight, graph.call_function(ops.one_like, (weight,))))]
             pred._rename(f"{site.name}_reuse_pred")
-        extra = [*(forecast if site.order else []), *weight_operand]
+        extra = [*([*forecast, valid_in] if site.order else []), *weight_operand]
         compute_gm = _branch(site_module, build_compute, len(inputs), len(state_nodes), len(params) + len(extra), f"{site.name}_compute")
         reuse_gm = _branch(None, build_reuse, len(inputs), len(state_nodes), len(params) + len(extra), f"{site.name}_reuse")
         gm.add_submodule(f"{site.name}_compute", compute_gm)
