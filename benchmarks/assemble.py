@@ -76,7 +76,9 @@ def _adacorrection_section(study: dict) -> list[str]:
 def main(out_dir: str, target: str) -> None:
     out = Path(out_dir)
     parts = ["# Benchmarks", "", "Every figure below was measured by `bash benchmarks/regenerate.sh` on the code at the commit that"
-             " changed this file; ratios are medians over repeats, measured in one process with the baseline interleaved."
+             " changed this file; ratios are medians over repeats, measured in one process with the baseline interleaved"
+             " (in the bench and the study tables, the median of paired ratios: each run divided into the baseline run"
+             " timed just before it, so that slow phases of the machine hit both sides of a ratio)."
              " The machine is shared and noisy (2 CPU cores); treat differences under about 10% as noise."
              " What the numbers say, including where adacache is not ahead, is summarised in [docs/findings.md](docs/findings.md).", ""]
     core = out / "core_speed.json"

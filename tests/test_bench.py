@@ -56,3 +56,23 @@ def test_bench_policy_expressions_mark_what_to_calibrate():
     assert _family(adacache.TeaCache(0.1)) == "adacache TeaCache"
     with pytest.raises(adacache.PolicyError):
         parse_bench_policy("calibrated(Nope())")
+
+
+def test_speedup_is_the_median_of_paired_ratios_so_drift_cancels(monkeypatch):
+    """A machine that slows 5x halfway through: each variant run is divided into the baseline
+    run just before it, so a variant costing half the baseline reads 2x whenever it ran; a
+    ratio of medians would read whatever phase the two medians happened to fall in."""
+    from adacache.bench import runner
+
+    clock = {"now": 0.0, "runs": 0}
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock["now"])
+
+    def run(cost: float) -> None:
+        clock["runs"] += 1
+        clock["now"] += cost * (5.0 if clock["runs"] > 6 else 1.0)
+
+    variants = [runner.Variant("half", "x", 0.5), runner.Variant("same", "x", 1.0), runner.Variant("broken", "x", 0.1, error="no")]
+    timings = runner.time_interleaved(run, variants, runner.Variant("original", "full", 1.0), repeats=3)
+    assert timings.speedup == {"half": 2.0, "same": 1.0}
+    assert "broken" not in timings.seconds
+    assert timings.seconds["half"] != 0.5, "the drift is real: raw seconds show it"

@@ -75,32 +75,54 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+@dataclass
+class Timings:
+    """Wall times of an interleaved run.
+
+    ``speedup`` is the median over repeats of the *paired* ratio: each run of a variant
+    divided into the baseline run timed just before it. A shared machine drifts over a long
+    bench (minutes of slow phases); a pair sees the same phase, so the ratio survives it,
+    where a ratio of medians taken at different times would not.
+    """
+
+    seconds: dict[str, float]
+    baseline: float
+    speedup: dict[str, float]
+
+
 def time_interleaved(
     run: Callable[[Any], Any],
     variants: Sequence[Variant],
     baseline: Variant,
     repeats: int,
     progress: Any = None,
-) -> tuple[dict[str, float], float]:
-    """Median wall time of ``run(denoiser)`` per variant, with the baseline timed between
-    variants in every round so drift on a shared machine hits both sides alike."""
+) -> Timings:
+    """Wall time of ``run(denoiser)`` per variant, with the baseline timed just before every
+    variant run, in an order that rotates each round (see :class:`Timings`)."""
     times: dict[str, list[float]] = {v.name: [] for v in variants}
+    ratios: dict[str, list[float]] = {v.name: [] for v in variants}
     base: list[float] = []
     for rep in range(repeats):
         order = list(variants[rep % max(1, len(variants)) :]) + list(variants[: rep % max(1, len(variants))])
         for variant in order:
             if variant.error:
                 continue
+            pair = []
             for target, sink in ((baseline, base), (variant, times[variant.name])):
                 if target.new_generation:
                     target.new_generation()
                 start = time.perf_counter()
                 run(target.denoiser)
-                sink.append(time.perf_counter() - start)
+                pair.append(time.perf_counter() - start)
+                sink.append(pair[-1])
+            ratios[variant.name].append(pair[0] / pair[1])
             if progress is not None:
                 progress.update(1)
-    medians = {k: statistics.median(v) for k, v in times.items() if v}
-    return medians, statistics.median(base)
+    return Timings(
+        seconds={k: statistics.median(v) for k, v in times.items() if v},
+        baseline=statistics.median(base) if base else float("nan"),
+        speedup={k: statistics.median(v) for k, v in ratios.items() if v},
+    )
 
 
 def policy_variant(model: torch.nn.Module, policy: Policy, name: str | None = None, backend: str = "eager") -> Variant:

@@ -128,17 +128,17 @@ def quality_track(
                     bar.update(1)
         timed = [v for v in variants if not v.error]
         with _progress(settings.repeats * len(timed), f"timing cfg={guidance}") as bar:
-            medians, base = time_interleaved(
+            timings = time_interleaved(
                 lambda d: generate(d, timing_labels, timing_seeds), timed, baseline, settings.repeats, bar
             )
         for row in rows:
             if row.guidance != guidance:
                 continue
             if row.family == "full":
-                row.seconds, row.speedup = base, 1.0
-            elif row.name in medians:
-                row.seconds = medians[row.name]
-                row.speedup = base / medians[row.name]
+                row.seconds, row.speedup = timings.baseline, 1.0
+            elif row.name in timings.seconds:
+                row.seconds = timings.seconds[row.name]
+                row.speedup = timings.speedup[row.name]
                 if row.flop_bound:
                     row.achieved_over_bound = row.speedup / row.flop_bound
     return rows
@@ -220,12 +220,12 @@ def speed_track(
         for v in variants:  # capture outside the timing
             generate(v.denoiser)
         with _progress(repeats * len(variants), f"speed {config}") as bar:
-            medians, base = time_interleaved(generate, variants, baseline, repeats, bar)
-        rows.append(Row("original", "full", 0.0, seconds=base, speedup=1.0, note=config))
+            timings = time_interleaved(generate, variants, baseline, repeats, bar)
+        rows.append(Row("original", "full", 0.0, seconds=timings.baseline, speedup=1.0, note=config))
         for v in variants:
-            row = Row(v.name, v.family, 0.0, seconds=medians.get(v.name), note=config)
+            row = Row(v.name, v.family, 0.0, seconds=timings.seconds.get(v.name), note=config)
             if row.seconds:
-                row.speedup = base / row.seconds
+                row.speedup = timings.speedup[v.name]
             if v.policy is not None:
                 with adacache.session(v.denoiser) as sess:
                     generate(v.denoiser)
@@ -294,13 +294,13 @@ def overhead_track(configs: Sequence[str] = ("diffusers-dit-s", "diffusers-dit-b
                 except Exception as exc:  # noqa: BLE001 - reported in the table
                     v.error = f"{type(exc).__name__}: {exc}"[:200]
         with _progress(repeats * len(variants), f"overhead {config}") as bar:
-            medians, base = time_interleaved(generate, variants, baseline, repeats, bar)
-        rows.append(Row("original", "full", 0.0, seconds=base, speedup=1.0, note=config))
+            timings = time_interleaved(generate, variants, baseline, repeats, bar)
+        rows.append(Row("original", "full", 0.0, seconds=timings.baseline, speedup=1.0, note=config))
         for v in variants:
-            row = Row(v.name, v.family, 0.0, seconds=medians.get(v.name), note=config if not v.error else f"{config}: {v.error}")
+            row = Row(v.name, v.family, 0.0, seconds=timings.seconds.get(v.name), note=config if not v.error else f"{config}: {v.error}")
             if row.seconds:
-                row.speedup = base / row.seconds
-                row.extra["overhead"] = row.seconds / base
+                row.speedup = timings.speedup[v.name]
+                row.extra["overhead"] = 1.0 / row.speedup
                 row.extra["ms_per_step"] = 1e3 * row.seconds / steps
             rows.append(row)
         for run in runs:
