@@ -267,3 +267,14 @@ def test_teacache_sum_follows_teacache_not_the_veto():
     plain = sums(tea)
     assert any(v > 0 for v in plain)
     assert sums(adacache.AdaCorrection(base=tea, veto=1e-6)) == pytest.approx(plain)
+
+
+def test_stored_scale_gives_the_same_score():
+    """The graph stores the cached input's scale once; scoring with it equals scoring without."""
+    gen = torch.Generator().manual_seed(3)
+    cached = torch.randn(3, 5, 8, generator=gen)
+    x = cached + 0.2 * torch.randn(3, 5, 8, generator=gen)
+    for lam in (0.0, 0.7):
+        assert torch.allclose(ops.adacorrection_score(x, cached, lam, ops.offset_scale(cached)), ops.adacorrection_score(x, cached, lam))
+    half = ops.adacorrection_score(x.half(), cached.half(), 0.0, ops.offset_scale(cached.half()))
+    assert half.dtype == torch.float32 and torch.allclose(half, ops.adacorrection_score(x, cached, 0.0), rtol=1e-2)

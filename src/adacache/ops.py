@@ -111,14 +111,21 @@ def taylor_update(valid: Tensor, coef: Tensor, update: Tensor, fresh: Tensor, *o
     return new
 
 
-def _offset_tokens(x: Tensor, cached: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _tokens(x: Tensor) -> Tensor:
+    """``x`` as (batch, tokens, channels) float32; a view, with no op at all, for float32 models."""
+    xf = x.reshape(x.shape[0], -1, x.shape[-1])
+    return xf if xf.dtype == torch.float32 else xf.float()  # a trace-time branch
+
+
+def offset_scale(cached: Tensor) -> Tensor:
+    """Mean token norm per batch item of a stored input: the denominator of the offset terms."""
+    return torch.linalg.vector_norm(_tokens(cached), dim=-1).mean(dim=1).clamp_min(_EPS)
+
+
+def _offset_tokens(x: Tensor, cached: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``x`` and ``cached`` as (batch, tokens, channels) float32, and the cached input's mean token norm."""
-    b, d = x.shape[0], x.shape[-1]
-    xf = x.reshape(b, -1, d)
-    cf = cached.reshape(b, -1, d)
-    if xf.dtype != torch.float32:  # a trace-time branch: no op at all for float32 models
-        xf, cf = xf.float(), cf.float()
-    return xf, cf, torch.linalg.vector_norm(cf, dim=-1).mean(dim=1).clamp_min(_EPS)
+    cf = _tokens(cached)
+    return _tokens(x), cf, offset_scale(cached) if scale is None else scale
 
 
 def _temporal(xf: Tensor, cf: Tensor, scale: Tensor) -> Tensor:
@@ -147,10 +154,11 @@ def adacorrection_terms(x: Tensor, cached: Tensor) -> tuple[Tensor, Tensor]:
     return _temporal(xf, cf, scale), _spatial(xf, scale)
 
 
-def adacorrection_score(x: Tensor, cached: Tensor, lam: float) -> Tensor:
+def adacorrection_score(x: Tensor, cached: Tensor, lam: float, scale: Tensor | None = None) -> Tensor:
     """Offset score per batch item, ``S = temporal + lam * spatial`` (Eq. 3); the spatial
-    term is not computed at all when ``lam == 0``."""
-    xf, cf, scale = _offset_tokens(x, cached)
+    term is not computed at all when ``lam == 0``. ``scale``: :func:`offset_scale` of
+    ``cached`` when the caller stored it with the input (the graph does)."""
+    xf, cf, scale = _offset_tokens(x, cached, scale)
     temporal = _temporal(xf, cf, scale)
     if lam == 0:
         return temporal

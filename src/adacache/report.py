@@ -18,7 +18,7 @@ _CACHE_OPS = {
     getattr(ops, name)
     for name in (
         "cache_load", "residual_of", "offset_score", "all_finite", "blend", "below", "taylor_forecast",
-        "taylor_update", "adacorrection_score", "correction_weight", "offset_decision", "correct", "one_like", "teacache_gate", "keep_if",
+        "taylor_update", "adacorrection_score", "offset_scale", "correction_weight", "offset_decision", "correct", "one_like", "teacache_gate", "keep_if",
     )
 }
 

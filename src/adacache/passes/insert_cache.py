@@ -205,10 +205,15 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
         offset_in: list[fx.Node] = []
         if site.offset is not None:
             # AdaCorrection compares the site's input with the input of the last full step.
+            # Its scale (mean token norm, per item) is kept beside it: computed once when the
+            # input is stored, not again at every step that scores against it.
             val = tensor_meta(score_src)
-            spec = StateSpec(f"cache__{site.name}__in", site.name, tuple(val.shape), val.dtype, "cache")
-            offset_in = [new_placeholder(spec.name)]
-            states_in.append((spec, offset_in[0]))
+            for spec in (
+                StateSpec(f"cache__{site.name}__in", site.name, tuple(val.shape), val.dtype, "cache"),
+                StateSpec(f"cache__{site.name}__in_scale", site.name, (val.shape[0],), torch.float32, "cache"),
+            ):
+                offset_in.append(new_placeholder(spec.name))
+                states_in.append((spec, offset_in[-1]))
         tea: list[fx.Node] = []
         if site.probe is not None:
             # TeaCache keeps the previous step's probe and the running sum of its changes.
@@ -262,7 +267,9 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
                 outs = [g.call_function(ops.correct, (weight, c, o)) for c, o in zip(stale, outs)]
             kept_in = []
             if site.offset is not None:
-                kept_in = [g.call_method("clone", (ins[_score_index(region)],), {"memory_format": torch.contiguous_format})]
+                kept = ins[_score_index(region)]
+                kept_in = [g.call_method("clone", (kept,), {"memory_format": torch.contiguous_format}),
+                           g.call_function(ops.offset_scale, (kept,))]
             if site.order:
                 # After the forecast coefficients: the update factors, then the cache's validity
                 # (the band weight, if any, is last).
@@ -313,7 +320,7 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
             weight_operand: list[fx.Node] = []
             if site.offset is not None:
                 rule = site.offset
-                offset = graph.call_function(ops.adacorrection_score, (score_src, offset_in[0], rule.lam))
+                offset = graph.call_function(ops.adacorrection_score, (score_src, offset_in[0], rule.lam, offset_in[1]))
                 pred = graph.call_function(ops.offset_decision, (pred, valid_in, offset, rule.gamma, rule.accept, rule.veto))
                 signal_out.append(offset)
                 layout.signals.append(f"signal__{site.name}__score")
