@@ -15,7 +15,7 @@ FULL_POLICIES = (
     "FirstBlockCache(0.03)", "FirstBlockCache(0.05)", "FirstBlockCache(0.08)", "FirstBlockCache(0.12)", "FirstBlockCache(0.2)",
     "TaylorSeer(order=1, interval=3)", "TaylorSeer(order=1, interval=5)", "TaylorSeer(order=1, interval=6)",
     "TaylorSeer(order=1, interval=7)", "TaylorSeer(order=1, interval=8)",
-    "TaylorSeer(order=2, interval=5)", "TaylorSeer(order=1, interval=5, granularity='module')",
+    "TaylorSeer(order=2, interval=5)", "TaylorSeer(order=2, interval=7)", "TaylorSeer(order=1, interval=5, granularity='module')",
     "ZCache(base=TaylorSeer(order=1, interval=3))", "ZCache(base=TaylorSeer(order=1, interval=5))",
     "ZCache(base=TaylorSeer(order=1, interval=6))", "ZCache(base=TaylorSeer(order=1, interval=7))",
     "ZCache(base=TaylorSeer(order=1, interval=8))", "ZCache(base=TaylorSeer(order=1, interval=5), weight='linear')",
@@ -27,6 +27,7 @@ FULL_POLICIES = (
     "calibrated(AdaCorrection(base=FirstBlockCache(0.08)))", "calibrated(AdaCorrection(base=FirstBlockCache(0.12)))",
     "calibrated(AdaCorrection(base=FirstBlockCache(0.2)))",
     "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=5)))", "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=5), veto=0.5))",
+    "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=5), accept=0.05, veto=0.5))",
     "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=8), veto=0.5))",
     "calibrated(AdaCorrection(base=TeaCache(0.1)))", "calibrated(AdaCorrection(base=TeaCache(0.2)))",
     # ... accepting reuse the base refused, and deciding alone (a base that caches and never reuses).
