@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every figure in BENCHMARKS.md on this machine (about 65 minutes on 2 CPU cores).
+# Regenerate every figure in BENCHMARKS.md on this machine (about 70 minutes on 2 CPU cores).
 # Usage: bash benchmarks/regenerate.sh [THREADS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +7,7 @@ THREADS="${1:-2}"
 OUT=bench-out
 mkdir -p "$OUT"
 adacache bench --anchors --samples 50 --guidance 4.0 --repeats 3 --threads "$THREADS" --speed-models dit-s --overhead-models --out "$OUT/bench"
+python benchmarks/goal_check.py --samples 50 --repeats 7 --threads "$THREADS" --out "$OUT/goal_check.json"
 python benchmarks/adacorrection_study.py --samples 20 --repeats 3 --threads "$THREADS" --out "$OUT/adacorrection"
 python benchmarks/core_speed.py --config small --steps 50 --repeats 5 --threads "$THREADS" --out "$OUT/core_speed.json"
 python benchmarks/backends_speed.py --models reference dit-s --steps 50 --repeats 3 --threads "$THREADS" --out "$OUT/backends_speed.json"

@@ -76,3 +76,34 @@ def test_speedup_is_the_median_of_paired_ratios_so_drift_cancels(monkeypatch):
     assert timings.speedup == {"half": 2.0, "same": 1.0}
     assert "broken" not in timings.seconds
     assert timings.seconds["half"] != 0.5, "the drift is real: raw seconds show it"
+
+
+def test_goal_check_verdict_and_its_section():
+    """The >=5x at >=30 dB verdict: every part must hold; FD-digits may not exceed full
+    computation's by more than the spread (lower is closer to real digits)."""
+    import sys
+    from pathlib import Path
+
+    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench_dir)
+    try:
+        import assemble
+        import goal_check
+    finally:
+        sys.path.remove(bench_dir)
+    full = {"accuracy": 1.0, "fd_digits": 1085.0}
+    spread = {"accuracy_spread": 0.0, "fd_spread": 13.0}
+    row = {"name": "TaylorSeer(order=2, interval=7)", "speedup": 5.4, "psnr": 31.2, "accuracy": 1.0, "fd_digits": 1066.0, "flop_bound": 6.17}
+    assert goal_check.verdict(row, full, spread)["met"]
+    assert goal_check.verdict({**row, "fd_digits": 1099.0}, full, spread) == {
+        "speedup": True, "psnr": True, "accuracy": True, "fd_digits": False, "met": False}
+    assert not goal_check.verdict({**row, "speedup": 4.99}, full, spread)["met"]
+    assert not goal_check.verdict({**row, "psnr": 29.9}, full, spread)["met"]
+    assert not goal_check.verdict({**row, "accuracy": 0.98}, full, spread)["met"]
+    goal = {"machine": {"settings": {"samples": 50, "timing_samples": 20, "repeats": 7, "steps": 50, "guidance": 4.0}},
+            "full": full, "seed_spread": spread,
+            "candidates": [{**row, "goal": goal_check.verdict(row, full, spread)},
+                           {**row, "name": "FORA(interval=8)", "fd_digits": 1230.0, "goal": goal_check.verdict({**row, "fd_digits": 1230.0}, full, spread)}]}
+    text = "\n".join(assemble._goal_section(goal))
+    assert "| TaylorSeer(order=2, interval=7) | 5.40x | 6.17x | 31.20 | 100.0% | 1066 | met |" in text
+    assert "| FORA(interval=8) |" in text and "not met: fd_digits" in text
