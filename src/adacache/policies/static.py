@@ -53,7 +53,7 @@ class FORA(Policy):
         reuse: ``output`` (reuse the stale block output, the default) or ``residual``
             (Δ-DiT: reuse ``block(x) - x`` on the current ``x``). Measured on the reference
             model (BENCHMARKS.md), FORA(interval=3) kept 42.0 dB with output reuse and 38.1 dB
-            with residual reuse at the same speed, so output is the default here;
+            with residual reuse at the same hit rate, so output is the default here;
             sub-modules always reuse outputs.
     """
 
