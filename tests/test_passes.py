@@ -69,6 +69,18 @@ FBCACHE_TINY_DIT = [
     "blend(site_1_reuse_pred, cache__site_0__0, residual_of)", "blend(site_1_reuse_pred, cache__site_0__valid, all_finite)",
     "block blocks.3 [41 nodes]", "ops x15", "output x7",
 ]
+# AdaCorrection decides per block: per site one score against the stored input and its
+# scale, one fused predicate, one cond. Every node here runs at every step, so an extra one
+# is a cost on every block (the reason this is pinned).
+ADACORRECTION_TINY_DIT = [
+    "input x", "input timestep", "input class_labels", "input allow__* x4", "input cache__* x16", "ops x19",
+    *[item for i in range(4) for item in (
+        f"and(allow__site_{i}, cache__site_{i}__valid)",
+        f"adacorrection_score(_, cache__site_{i}__in, cache__site_{i}__in_scale)",
+        f"offset_decision({'and_' if i == 0 else f'and__{i}'}, cache__site_{i}__valid, adacorrection_score{'' if i == 0 else f'_{i}'})",
+        "ops x2", f"cond site_{i}_reuse_pred ? site_{i}_reuse : site_{i}_compute")],
+    "ops x15", "output x25",
+]
 ORIGINAL_TINY_DIT = [
     "input x", "input timestep", "input class_labels", "ops x19", "block blocks.0 [41 nodes]", "block blocks.1 [41 nodes]",
     "block blocks.2 [41 nodes]", "block blocks.3 [41 nodes]", "ops x15", "output x1",
@@ -77,8 +89,9 @@ ORIGINAL_TINY_DIT = [
 
 @pytest.mark.parametrize(
     "policy, expected",
-    [(adacache.FORA(interval=2), FORA_TINY_DIT), (adacache.FirstBlockCache(0.1, tail_blocks=1), FBCACHE_TINY_DIT)],
-    ids=["fora", "first_block_cache"],
+    [(adacache.FORA(interval=2), FORA_TINY_DIT), (adacache.FirstBlockCache(0.1, tail_blocks=1), FBCACHE_TINY_DIT),
+     (adacache.AdaCorrection(base=adacache.FORA(interval=2), veto=0.5), ADACORRECTION_TINY_DIT)],
+    ids=["fora", "first_block_cache", "adacorrection"],
 )
 def test_rewritten_graph_structure_is_pinned(policy, expected):
     model, inputs, _ = FAMILIES["tiny_dit"]()
@@ -158,3 +171,19 @@ def test_user_block_pattern_overrides_search():
     model, cap, _ = _captured("tiny_dit")
     blocks = find_blocks(cap.graph_module, model, pattern="blocks.[12]")
     assert [b.name for b in blocks] == ["blocks.1", "blocks.2"]
+
+
+def test_eager_reuse_branch_runs_only_the_forecast():
+    """What a reused block costs in eager: the forecast, the residual add, and nothing that
+    copies the cache (cond's copies are dropped by the eager lowering)."""
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    policy = adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=2), veto=0.5)
+    cached = adacache.compile(model, policy, example_inputs=((), inputs(torch.tensor(900.0))))
+    program = cached.programs[0]
+
+    def calls(branch):
+        return [getattr(n.target, "__name__", n.target) for n in branch.graph.nodes if n.op in ("call_function", "call_method")]
+
+    assert calls(program.graph_module.site_1_reuse) == ["taylor_forecast", "cache_load", "contiguous", "new_ones"]
+    portable = calls(program.portable.site_1_reuse)
+    assert portable.count("clone") == 4, "the portable graph keeps cond's copies of D0, D1, the input and its scale"
