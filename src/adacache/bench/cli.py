@@ -54,7 +54,7 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--samples", type=int, help="images scored per setting (default 200, quick 20)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, nargs="*", help="CFG scales (default 4.0 1.5, quick 4.0)")
-    p.add_argument("--repeats", type=int, help="timing repeats, medians reported (default 3, quick 2)")
+    p.add_argument("--repeats", type=int, help="timing repeats; the speedup is the median of paired ratios, each run against a full-computation run just before it (default 3, quick 2)")
     p.add_argument("--speed-models", nargs="*", default=None, help="speed-track models (default dit-s dit-b; none with --quick)")
     p.add_argument("--overhead", action="store_true",
                    help="per-step cost of caching that skips nothing, adacache and each anchor, on diffusers DiT-S/2 and DiT-B/2 (on by default with --anchors unless --quick)")
