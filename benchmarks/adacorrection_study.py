@@ -80,6 +80,22 @@ def zcache_variants(fitted: dict[float, adacache.TeaCache]) -> list[tuple[str, A
     return out
 
 
+def span_variants() -> list[tuple[str, Any]]:
+    """AdaCorrection deciding once per step for the base's span (``unit="span"``), against
+    the base's own neighbouring settings at the same FLOP bound."""
+    out: list[tuple[str, Any]] = [(f"TaylorSeer(order=1, interval={n})", adacache.TaylorSeer(order=1, interval=n)) for n in (4, 5, 6)]
+    for interval, veto in ((5, 0.2), (7, 0.3), (8, 0.2)):
+        text = f"AdaCorrection(base=TaylorSeer(order=1, interval={interval}), veto={veto}, unit='span')"
+        out.append((f"calibrated({text})", Calibrated(adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=interval), veto=veto, unit="span"))))
+    out += [("FORA(interval=2)", adacache.FORA(interval=2)), ("FORA(interval=3)", adacache.FORA(interval=3))]
+    out.append(("calibrated(AdaCorrection(base=FORA(interval=3), veto=0.2, unit='span', reuse='base'))",
+                Calibrated(adacache.AdaCorrection(base=adacache.FORA(interval=3), veto=0.2, unit="span", reuse="base"))))
+    out += [("FirstBlockCache(0.05)", adacache.FirstBlockCache(0.05)), ("FirstBlockCache(0.08)", adacache.FirstBlockCache(0.08))]
+    out.append(("calibrated(AdaCorrection(base=FirstBlockCache(0.12), veto=0.2, unit='span'))",
+                Calibrated(adacache.AdaCorrection(base=adacache.FirstBlockCache(0.12), veto=0.2, unit="span"))))
+    return out
+
+
 def ablation_variants() -> list[tuple[str, Any]]:
     base = parse_policy(ABLATION_BASE)
     return [
@@ -166,6 +182,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out/adacorrection")
     parser.add_argument("--figure", default="docs/adacorrection_layers.png")
     parser.add_argument("--spread-samples", type=int, default=50, help="seed set size for the full-computation spread (the bench's --samples)")
+    parser.add_argument("--only", choices=["span"], help="run one part alone (span: unit='span' against the base sweeps)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -175,6 +192,14 @@ def main() -> None:
                                       guidance=(args.guidance,), repeats=args.repeats)
     from adacache.reference import load_reference_model
 
+    span = tracks.quality_track(span_variants(), settings)
+    (out / "span.json").write_text(json.dumps({"machine": {**machine_info(), "settings": {"samples": args.samples, "steps": args.steps,
+                                               "guidance": args.guidance, "repeats": args.repeats}},
+                                               "rows": [r.to_dict() for r in span]}, indent=2))
+    if args.only == "span":
+        for r in span:
+            print(f"  {r.name:<100} {r.speedup or 0:5.2f}x  bound {r.flop_bound or 1:5.2f}x  {r.psnr or 0:7.2f} dB  hit {r.hit_rate or 0:.2f}")
+        return
     model = load_reference_model()
     fitted = {th: tracks.prepare_policy(Calibrated(adacache.TeaCache(th)), model, args.steps, args.guidance) for th in (0.1, 0.2)}
     table_one = tracks.quality_track(table_one_variants(fitted[0.1]), settings)

@@ -36,6 +36,21 @@ def _goal_section(goal: dict) -> list[str]:
     return parts + [""]
 
 
+def _span_section(span: dict) -> list[str]:
+    st = span["machine"]["settings"]
+    parts = ["**AdaCorrection deciding once per step (`unit='span'`) against the base's own settings**"
+             f" (`python benchmarks/adacorrection_study.py --only span --samples {st['samples']} --repeats {st['repeats']}`, part of the"
+             " full study run): one offset score of the span's input per step instead of one per block; compare rows at the same"
+             " FLOP bound.", "",
+             "| variant | wall speedup | FLOP bound | PSNR dB | SSIM | hit rate | FD-digits |", "|---|---|---|---|---|---|---|"]
+    for r in span["rows"]:
+        if r["family"] == "full":
+            continue
+        parts.append(f"| {r['name']} | {r['speedup']:.2f}x | {r['flop_bound']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.4f} |"
+                     f" {100 * r['hit_rate']:.1f}% | {r['fd_digits']:.0f} |")
+    return parts + [""]
+
+
 def _adacorrection_section(study: dict) -> list[str]:
     settings = study["machine"]["settings"]
     parts = ["## The seed methods on their bases: AdaCorrection (Table I pattern, Table IV ablation, Fig. 5) and Z-Cache", "",
@@ -160,6 +175,9 @@ def main(out_dir: str, target: str) -> None:
     ada = out / "adacorrection" / "study.json"
     if ada.exists():
         parts += _adacorrection_section(json.loads(ada.read_text()))
+    span = out / "adacorrection" / "span.json"
+    if span.exists():
+        parts += _span_section(json.loads(span.read_text()))
     bench = out / "bench" / "results.json"
     if bench.exists():
         r = json.loads(bench.read_text())

@@ -278,3 +278,49 @@ def test_stored_scale_gives_the_same_score():
         assert torch.allclose(ops.adacorrection_score(x, cached, lam, ops.offset_scale(cached)), ops.adacorrection_score(x, cached, lam))
     half = ops.adacorrection_score(x.half(), cached.half(), 0.0, ops.offset_scale(cached.half()))
     assert half.dtype == torch.float32 and torch.allclose(half, ops.adacorrection_score(x, cached, 0.0), rtol=1e-2)
+
+
+def reference_span_scale(model, inputs, steps):
+    """Calibration of one span by hand: the span's input is the first block's input, its
+    output the last block's; median of (residual-reuse error / temporal score)."""
+    seen: list[list[torch.Tensor]] = []
+    first = model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append([a[0].clone()]))
+    last = model.blocks[-1].register_forward_hook(lambda m, a, o: seen[-1].append(o.clone()))
+    denoise(model, inputs, steps=steps)
+    first.remove()
+    last.remove()
+    ratios = []
+    for (x0, y0), (x1, y1) in zip(seen, seen[1:]):
+        score = ops.adacorrection_terms(x1, x0)[0].max().item()
+        err = max(((x1[b] + (y0[b] - x0[b]) - y1[b]).norm() / (y1[b] - x1[b]).norm()).item() for b in range(x1.shape[0]))
+        ratios.append(err / score)
+    return float(np.median(ratios))
+
+
+def test_span_unit_decides_once_per_step_for_the_whole_span():
+    model, still, n_blocks = FAMILIES["tiny_dit"]()
+    inputs = moving(still)
+    base = adacache.FORA(interval=2, reuse="residual")
+    # Nothing vetoed (gamma tiny): exactly the base, with one site over every block.
+    quiet = adacache.compile(model, adacache.AdaCorrection(base=base, gamma=1e-6, veto=0.5, unit="span"))
+    expected = denoise(adacache.compile(model, base), inputs)
+    assert all(torch.equal(a, b) for a, b in zip(expected, denoise(quiet, inputs)))
+    sites = quiet.programs[0].cached_sites
+    assert [(s.label, s.offset is not None) for s in sites] == [(f"blocks.0..{n_blocks - 1}", True)]
+    assert adacache.summary(quiet).hit_rate == pytest.approx(0.5)
+    # Every step vetoed (gamma huge): nothing reused, full computation's outputs.
+    loud = adacache.compile(model, adacache.AdaCorrection(base=base, gamma=1e9, veto=0.5, unit="span"))
+    got = denoise(loud, inputs)
+    assert adacache.summary(loud).hit_rate == 0.0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(denoise(model, inputs), got))
+    # Calibration fits one scale for the span, keyed by its label.
+    fitted = adacache.calibrate(model, adacache.AdaCorrection(base=base, veto=0.4, unit="span"), lambda d: denoise(d, inputs, steps=6))
+    assert fitted.scales == pytest.approx({f"blocks.0..{n_blocks - 1}": reference_span_scale(model, inputs, steps=6)}, rel=1e-4)
+    with pytest.raises(ValueError, match="unit"):
+        adacache.AdaCorrection(unit="layer")
+
+
+def test_span_unit_exports_to_onnx(tmp_path):
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    cached = adacache.compile(model, adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=3), veto=0.6, unit="span"))
+    assert_onnx_matches_eager(cached, inputs, TIMESTEPS, tmp_path / "span")

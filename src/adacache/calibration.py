@@ -109,6 +109,7 @@ class _UnitRecorder(nn.Module):
         self.hooks: list[Any] = []
         self.previous: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.pairs: dict[str, list[tuple[float, float]]] = {}
+        self.entering: dict[str, torch.Tensor | None] = {}  # a unit's input, between its pre-hook and its hook
         self._slot = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -129,22 +130,33 @@ class _UnitRecorder(nn.Module):
     def _attach(self, program: Any) -> None:
         self.sites = program.cached_sites
         for site in self.sites:
-            name = site.regions[0].name
+            # A span (AdaCorrection(unit="span")) is scored from its first block's input and
+            # judged on its last block's output; any other unit is one submodule.
+            span = len(site.blocks) > 1
+            name = site.label if span else site.regions[0].name
+            first, last = (site.blocks[0], site.blocks[-1]) if span else (name, name)
             try:
-                module = self.model.get_submodule(name)
+                modules = [self.model.get_submodule(first), self.model.get_submodule(last)]
             except AttributeError as exc:
                 raise PolicyError(
-                    f"calibrating AdaCorrection needs each cached unit to be a submodule; {name!r} is not one of "
+                    f"calibrating AdaCorrection needs each cached unit to be a submodule; {first!r} or {last!r} is not one of "
                     f"{type(self.model).__name__}'s submodules"
                 ) from exc
             self.pairs[name] = []
-            self.hooks.append(module.register_forward_hook(self._hook(name, site.reuse, site.regions[0].is_residual), with_kwargs=True))
+            self.hooks.append(modules[0].register_forward_pre_hook(self._entry(name), with_kwargs=True))
+            self.hooks.append(modules[1].register_forward_hook(self._hook(name, site.reuse, site.regions[0].is_residual), with_kwargs=True))
+
+    def _entry(self, name: str) -> Callable[..., None]:
+        def remember(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.entering[name] = _stream_input(args, kwargs)
+
+        return remember
 
     def _hook(self, name: str, reuse: str, residual_unit: bool) -> Callable[..., None]:
         lam = self.policy.lam if self.policy.score == "paper" else 0.0
 
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            x = _stream_input(args, kwargs)
+            x = self.entering.pop(name, None)
             y = _stream_output(output, x)
             if x is None or y is None:
                 raise PolicyError(f"calibrating AdaCorrection: {name} has no tensor input or output to compare")

@@ -45,6 +45,11 @@ class AdaCorrection(Policy):
         reuse: ``residual`` reuses every unit's cache in the offset-corrected form (its
             residual added to the current input), as the paper does; ``base`` keeps the
             base's form (FORA reuses stale outputs by default).
+        unit: ``block`` decides for each block (the paper's per-layer weight); ``span``
+            keeps a span the base caches as one (FORA, TaylorSeer, TeaCache and
+            FirstBlockCache cache all their blocks as one span) and decides once per step
+            from the span's input, so the decision costs one score per step instead of one
+            per block (see docs/findings.md for what each measured).
     """
 
     base: Policy = dataclasses.field(default_factory=lambda: FirstBlockCache(0.08))
@@ -57,6 +62,7 @@ class AdaCorrection(Policy):
     # Not part of the hash (a dict is unhashable); __post_init__ keeps a private copy.
     scales: dict[str, float] = dataclasses.field(default_factory=dict, hash=False)
     reuse: Literal["residual", "base"] = "residual"
+    unit: Literal["block", "span"] = "block"
 
     def __post_init__(self) -> None:
         name = "AdaCorrection"
@@ -76,6 +82,7 @@ class AdaCorrection(Policy):
         )
         object.__setattr__(self, "scales", {k: float(v) for k, v in self.scales.items()})
         check(self.reuse in ("residual", "base"), name, f"reuse must be 'residual' or 'base', got {self.reuse!r}")
+        check(self.unit in ("block", "span"), name, f"unit must be 'block' or 'span', got {self.unit!r}")
 
     @property
     def granularity(self) -> str:  # type: ignore[override]
@@ -98,6 +105,12 @@ class AdaCorrection(Policy):
         for site in planned:
             if site.role != "cached":
                 sites.append(site)
+                continue
+            if self.unit == "span":  # one decision for the whole span, from its input
+                residual = all(r.is_residual for r in site.regions)
+                sites.append(dataclasses.replace(
+                    site, offset=dataclasses.replace(rule, gamma=rule.gamma * self._scale(site.label)),
+                    reuse="residual" if self.reuse == "residual" and residual else site.reuse))
                 continue
             for k, region in enumerate(site.regions):  # one decision per unit
                 unit_rule = dataclasses.replace(rule, gamma=rule.gamma * self._scale(region.name))
