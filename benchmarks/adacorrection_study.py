@@ -93,6 +93,9 @@ def span_variants() -> list[tuple[str, Any]]:
     out += [("FirstBlockCache(0.05)", adacache.FirstBlockCache(0.05)), ("FirstBlockCache(0.08)", adacache.FirstBlockCache(0.08))]
     out.append(("calibrated(AdaCorrection(base=FirstBlockCache(0.12), veto=0.2, unit='span'))",
                 Calibrated(adacache.AdaCorrection(base=adacache.FirstBlockCache(0.12), veto=0.2, unit="span"))))
+    out += [(f"calibrated(TeaCache({th}))", Calibrated(adacache.TeaCache(th))) for th in (0.05, 0.1)]
+    out.append(("calibrated(AdaCorrection(base=TeaCache(0.1), veto=0.2, unit='span'))",
+                Calibrated(adacache.AdaCorrection(base=adacache.TeaCache(0.1), veto=0.2, unit="span"))))
     return out
 
 
