@@ -36,18 +36,33 @@ def _goal_section(goal: dict) -> list[str]:
     return parts + [""]
 
 
+STUDY_HEADER = ["| variant | wall speedup | FLOP bound | PSNR dB | SSIM | hit rate | FD-digits |", "|---|---|---|---|---|---|---|"]
+
+
+def _study_rows(rows: list[dict]) -> list[str]:
+    """The study's variant tables, one line per row (full computation is the reference, not a row)."""
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    lines = []
+    for r in rows:
+        if r["family"] == "full":
+            continue
+        if r.get("note") and r["psnr"] is None:
+            lines.append(f"| {r['name']} | failed: {r['note']} | | | | | |")
+            continue
+        lines.append(f"| {r['name']} | {fmt(r['speedup'], '.2f')}x | {fmt(r['flop_bound'], '.2f')}x | {fmt(r['psnr'], '.2f')} |"
+                     f" {fmt(r['ssim'], '.4f')} | {fmt(r['hit_rate'] and 100 * r['hit_rate'], '.1f')}% | {fmt(r['fd_digits'], '.0f')} |")
+    return lines
+
+
 def _span_section(span: dict) -> list[str]:
     st = span["machine"]["settings"]
     parts = ["**AdaCorrection deciding once per step (`unit='span'`) against the base's own settings**"
              f" (`python benchmarks/adacorrection_study.py --only span --samples {st['samples']} --repeats {st['repeats']}`, part of the"
              " full study run): one offset score of the span's input per step instead of one per block; compare rows at the same"
-             " FLOP bound.", "",
-             "| variant | wall speedup | FLOP bound | PSNR dB | SSIM | hit rate | FD-digits |", "|---|---|---|---|---|---|---|"]
-    for r in span["rows"]:
-        if r["family"] == "full":
-            continue
-        parts.append(f"| {r['name']} | {r['speedup']:.2f}x | {r['flop_bound']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.4f} |"
-                     f" {100 * r['hit_rate']:.1f}% | {r['fd_digits']:.0f} |")
+             " FLOP bound.", "", *STUDY_HEADER, *_study_rows(span["rows"])]
     return parts + [""]
 
 
@@ -58,19 +73,7 @@ def _adacorrection_section(study: dict) -> list[str]:
              f" model (CFG {settings['guidance']}, DDIM {settings['steps']} steps). `calibrated(...)`: per-block scales fitted by"
              " `adacache.calibrate` on 10 other seeds, so `veto` is a tolerance on the predicted relative reuse error. FLOP bound:"
              " the speedup if only block compute counted; wall: measured, interleaved with full computation.", "",
-             "| variant | wall speedup | FLOP bound | PSNR dB | SSIM | hit rate | FD-digits |", "|---|---|---|---|---|---|---|"]
-
-    def fmt(value: float | None, spec: str) -> str:
-        return "—" if value is None else format(value, spec)
-
-    for r in study["table_one"]:
-        if r["family"] == "full":
-            continue
-        if r.get("note") and r["psnr"] is None:
-            parts.append(f"| {r['name']} | failed: {r['note']} | | | | | |")
-            continue
-        parts.append(f"| {r['name']} | {fmt(r['speedup'], '.2f')}x | {fmt(r['flop_bound'], '.2f')}x | {fmt(r['psnr'], '.2f')} |"
-                     f" {fmt(r['ssim'], '.4f')} | {fmt(r['hit_rate'] and 100 * r['hit_rate'], '.1f')}% | {fmt(r['fd_digits'], '.0f')} |")
+             *STUDY_HEADER, *_study_rows(study["table_one"])]
     parts += ["", "**Table IV pattern** (paper score S = temporal + lambda * spatial, calibrated per lambda, veto 0.5, over"
               " TaylorSeer(order=1, interval=5)): PSNR dB / hit rate", "", "| lambda \\ gamma | 0.5 | 1 | 2 |", "|---|---|---|---|"]
     grid: dict[str, dict[str, str]] = {}
@@ -84,16 +87,7 @@ def _adacorrection_section(study: dict) -> list[str]:
         parts.append(f"| {lam} | " + " | ".join(grid[lam].get(g, "—") for g in ("0.5", "1.0", "2.0")) + " |")
     if study.get("zcache"):
         parts += ["", "**Z-Cache against its base at the same setting** (reflection replays the non-block part over each"
-                  " window; its wall-clock cost is in the speedup)", "",
-                  "| variant | wall speedup | FLOP bound | PSNR dB | SSIM | hit rate | FD-digits |", "|---|---|---|---|---|---|---|"]
-        for r in study["zcache"]:
-            if r["family"] == "full":
-                continue
-            if r["psnr"] is None:
-                parts.append(f"| {r['name']} | failed: {r.get('note')} | | | | | |")
-                continue
-            parts.append(f"| {r['name']} | {fmt(r['speedup'], '.2f')}x | {fmt(r['flop_bound'], '.2f')}x | {fmt(r['psnr'], '.2f')} |"
-                         f" {fmt(r['ssim'], '.4f')} | {fmt(r['hit_rate'] and 100 * r['hit_rate'], '.1f')}% | {fmt(r['fd_digits'], '.0f')} |")
+                  " window; its wall-clock cost is in the speedup)", "", *STUDY_HEADER, *_study_rows(study["zcache"])]
     spread = study.get("seed_spread")
     if spread:
         a, b = spread["runs"]

@@ -117,15 +117,19 @@ def _tokens(x: Tensor) -> Tensor:
     return xf if xf.dtype == torch.float32 else xf.float()  # a trace-time branch
 
 
+def _mean_token_norm(tokens: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(tokens, dim=-1).mean(dim=1).clamp_min(_EPS)
+
+
 def offset_scale(cached: Tensor) -> Tensor:
     """Mean token norm per batch item of a stored input: the denominator of the offset terms."""
-    return torch.linalg.vector_norm(_tokens(cached), dim=-1).mean(dim=1).clamp_min(_EPS)
+    return _mean_token_norm(_tokens(cached))
 
 
 def _offset_tokens(x: Tensor, cached: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``x`` and ``cached`` as (batch, tokens, channels) float32, and the cached input's mean token norm."""
     cf = _tokens(cached)
-    return _tokens(x), cf, offset_scale(cached) if scale is None else scale
+    return _tokens(x), cf, _mean_token_norm(cf) if scale is None else scale
 
 
 def _temporal(xf: Tensor, cf: Tensor, scale: Tensor) -> Tensor:
