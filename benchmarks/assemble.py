@@ -101,6 +101,43 @@ def _adacorrection_section(study: dict) -> list[str]:
     return parts
 
 
+GPU_RESULTS = Path(__file__).parent / "results" / "gpu"
+GPU_COLUMNS = ["original + timestep read", "NoCache", "FORA(3)", "TaylorSeer(1,5)"]
+
+
+def _gpu_section(files: list[Path]) -> list[str]:
+    """The GPU runs of ``benchmarks/gpu_speed.py`` kept in ``benchmarks/results/gpu`` (this
+    machine has no GPU, so they are recorded where they were measured, not regenerated)."""
+    machines = set()
+    rows = ["| run | model | tokens x batch | dtype | backend | original ms/step | "
+            + " | ".join(GPU_COLUMNS) + " |", "|---|---|---|---|---|---|" + "---|" * len(GPU_COLUMNS)]
+    for path in files:
+        data = json.loads(path.read_text())
+        m = data["machine"]
+        machines.add(f"{m.get('gpu')}, CUDA {m.get('cuda')}, torch {m['versions']['torch']}")
+        for run in data["runs"]:
+            cells = []
+            for name in GPU_COLUMNS:
+                v = run["variants"].get(name)
+                if v is None:
+                    cells.append("")
+                elif "flop_bound" in v and name != "NoCache":
+                    cells.append(f"{v['speedup']:.2f}x ({v['flop_bound']:.2f}x)")
+                else:
+                    cells.append(f"{v['speedup']:.2f}x")
+            rows.append(f"| {path.stem.split('_')[0]} | {run['model']} | {run.get('tokens', 256)} x {run.get('batch', 2)} |"
+                        f" {run['dtype']} | {run['backend']} | {run['baseline_ms_per_step']:.2f} | " + " | ".join(cells) + " |")
+    return ["## On a GPU: eager and torch.compile on an H100", "",
+            "`python benchmarks/gpu_speed.py` on a lent GPU machine (" + "; ".join(sorted(machines)) + "), random-weight DiTs"
+            " (DiT-S/2 and DiT-XL/2 sizes), 50 steps, inputs and timestep on the GPU as a pipeline feeds them; each cell the"
+            " median of paired ratios against the original model (`torch.compile` of it for inductor), FLOP bound in brackets."
+            " Runs 2 and 3 were on different machines; run 4 on run 3's. The JSON files are in `benchmarks/results/gpu/`; this"
+            " machine has no GPU, so they are kept as measured rather than regenerated. `original + timestep read` is the"
+            " original with the one host read of the timestep per call that the runtime makes; what the runs show and what"
+            " they do not is in docs/findings.md (On a GPU).", "",
+            *rows, ""]
+
+
 def main(out_dir: str, target: str) -> None:
     out = Path(out_dir)
     parts = ["# Benchmarks", "", "Every figure below was measured by `bash benchmarks/regenerate.sh` on the code at the commit that"
@@ -172,6 +209,9 @@ def main(out_dir: str, target: str) -> None:
     span = out / "adacorrection" / "span.json"
     if span.exists():
         parts += _span_section(json.loads(span.read_text()))
+    gpu_files = sorted(GPU_RESULTS.glob("*.json"))
+    if gpu_files:
+        parts += _gpu_section(gpu_files)
     bench = out / "bench" / "results.json"
     if bench.exists():
         r = json.loads(bench.read_text())

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate every figure in BENCHMARKS.md on this machine (about 70 minutes on 2 CPU cores).
 # Usage: bash benchmarks/regenerate.sh [THREADS]
+# Not run here: benchmarks/gpu_speed.py needs a CUDA GPU; its JSON files are kept in
+# benchmarks/results/gpu and assembled as measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-2}"

@@ -40,6 +40,11 @@ class DiTConfig:
         return cls(hidden_size=768, num_heads=12)
 
     @classmethod
+    def xlarge(cls) -> "DiTConfig":
+        """DiT-XL/2: 28 blocks, hidden 1152, 16 heads (the size of the released 256px model)."""
+        return cls(hidden_size=1152, depth=28, num_heads=16)
+
+    @classmethod
     def tiny(cls) -> "DiTConfig":
         """A test-sized model: 4 blocks, hidden 64, 8x8 input."""
         return cls(input_size=8, hidden_size=64, depth=4, num_heads=4, num_classes=10)

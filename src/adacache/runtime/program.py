@@ -90,8 +90,8 @@ def _fake_inputs(nodes: list[fx.Node], mode: Any) -> list[Any]:
     for node in nodes:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            with mode:
-                out.append(torch.empty(val.shape, dtype=val.dtype))
+            with mode:  # on the captured device: the parameters it meets are real tensors there
+                out.append(torch.empty(val.shape, dtype=val.dtype, device=val.device))
         else:
             out.append(val)
     return out
