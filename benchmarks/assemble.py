@@ -131,7 +131,9 @@ def _gpu_section(files: list[Path]) -> list[str]:
             "`python benchmarks/gpu_speed.py` on a lent GPU machine (" + "; ".join(sorted(machines)) + "), random-weight DiTs"
             " (DiT-S/2 and DiT-XL/2 sizes), 50 steps, inputs and timestep on the GPU as a pipeline feeds them; each cell the"
             " median of paired ratios against the original model (`torch.compile` of it for inductor), FLOP bound in brackets."
-            " Runs 2 and 3 were on different machines; run 4 on run 3's. The JSON files are in `benchmarks/results/gpu/`; this"
+            " Run 1 found the `summary` bug and timed nothing; runs 2, 3 and 5 were on different machines, run 4 on run 3's;"
+            " the eager rows of runs 2-3 are from before the eager graph called ATen's generated bindings, run 5's from after."
+            " The JSON files are in `benchmarks/results/gpu/`; this"
             " machine has no GPU, so they are kept as measured rather than regenerated. `original + timestep read` is the"
             " original with the one host read of the timestep per call that the runtime makes; what the runs show and what"
             " they do not is in docs/findings.md (On a GPU).", "",

@@ -11,7 +11,7 @@ from torch import fx
 import adacache
 from adacache.capture import capture
 from adacache.passes import find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites
-from adacache.passes.lower import branch, drop_state_copies
+from adacache.passes.lower import _python_binding, branch, drop_state_copies
 from adacache.policies.base import span_label
 from adacache.runtime.program import copy_graph_module
 from families import FAMILIES
@@ -165,6 +165,32 @@ def test_eager_lowering_drops_only_the_state_copies_cond_forces():
     assert portable == {f"site_{i}_reuse": 2 for i in range(4)}
     assert after == {f"site_{i}_reuse": 1 for i in range(4)}
     assert {name: clones(m) for name, m in gm.named_children() if name.endswith("_reuse")} == portable, "portable graph untouched"
+
+
+def test_operator_bindings_are_the_generated_ones():
+    assert _python_binding(torch.ops.aten.add.Tensor) is torch._C._VariableFunctions.add
+    assert _python_binding(torch.ops.aten.linear.default) is torch._C._nn.linear
+    assert _python_binding(torch.ops.aten.split.Tensor) is torch._C._VariableFunctions.split  # not torch.split's wrapper
+    assert _python_binding(torch.ops.aten.slice.Tensor) is None  # a method only: left as the overload
+    assert _python_binding(torch.ops.prims.add.default) is None  # other namespaces: their own schemas
+
+
+def test_eager_lowering_binds_aten_operators_and_leaves_the_portable_graph_alone():
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    cached = adacache.compile(model, adacache.FORA(interval=2), example_inputs=((), inputs(torch.tensor(900.0))))
+    program = cached.programs[0]
+
+    def targets(gm):
+        own = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        return own + [t for m in gm.children() if isinstance(m, fx.GraphModule) for t in targets(m)]
+
+    portable, eager = targets(program.portable), targets(program.graph_module)
+    bound = [t for t in portable if isinstance(t, torch._ops.OpOverload) and _python_binding(t) is not None]
+    assert {str(t) for t in bound} >= {"aten.linear.default", "aten.layer_norm.default", "aten.scaled_dot_product_attention.default"}
+    left = [t for t in eager if isinstance(t, torch._ops.OpOverload)]
+    assert all(_python_binding(t) is None for t in left), "every operator with a binding is called through it"
+    assert {_python_binding(t) for t in bound} <= set(eager)
+    assert all(isinstance(t, torch._ops.OpOverload) for t in bound), "the portable graph keeps its overloads"
 
 
 def test_user_block_pattern_overrides_search():

@@ -59,6 +59,48 @@ def drop_state_copies(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _python_binding(op: torch._ops.OpOverload) -> Callable[..., Any] | None:
+    """The generated C binding (``torch.add``, ``torch._C._nn.linear``) that runs ``op``, if any.
+
+    Both are generated from the same operator schema, with the same argument names and
+    order; the binding resolves the overload from the argument types, which for arguments
+    valid for ``op`` selects ``op`` itself. Only the generated modules are searched, never the
+    Python-level wrappers ``torch.split`` or ``torch.einsum`` put in front of some of them.
+    """
+    if op.namespace != "aten":
+        return None
+    name = op.overloadpacket.__name__
+    for module in (torch._C._VariableFunctions, torch._C._nn):
+        binding = getattr(module, name, None)
+        if binding is not None and type(binding).__name__ == "builtin_function_or_method":
+            return binding
+    return None
+
+
+def bind_operators(gm: fx.GraphModule) -> fx.GraphModule:
+    """Call ATen operators through their generated Python bindings (for the eager backend).
+
+    Captured graphs call ``torch.ops.aten.add.Tensor``-style overload objects, whose Python
+    ``__call__`` costs 1-2 µs more per call than the binding ``torch.add``. A DiT step runs
+    hundreds of such calls; on a GPU, where eager execution of a DiT is bound by the host
+    launching kernels, that showed as the captured graph running 12-20% slower than the
+    original module. ``gm``'s own graph is rewritten in place; its subgraph modules (shared
+    with the portable graph) are replaced by rewritten copies.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            binding = _python_binding(node.target)
+            if binding is not None:
+                node.target = binding
+    gm.graph.lint()
+    gm.recompile()
+    for name, child in list(gm.named_children()):
+        if isinstance(child, fx.GraphModule):
+            fresh = fx.GraphModule(child, copy.deepcopy(child.graph), class_name=type(child).__name__)
+            setattr(gm, name, bind_operators(fresh))
+    return gm
+
+
 def hoist_attributes(gm: fx.GraphModule) -> fx.GraphModule:
     """Make every ``get_attr`` of the top-level graph a plain instance attribute.
 

@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from ..capture import CapturedGraph, capture
-from ..passes.lower import drop_state_copies, hoist_attributes
+from ..passes.lower import bind_operators, drop_state_copies, hoist_attributes
 from ..passes import CacheLayout, Region, find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites
 from ..policies.base import Policy, SitePlan
 
@@ -70,7 +70,7 @@ def build_program(
     layout: CacheLayout = gm.meta["adacache"]
     portable = gm
     if backend == "eager":
-        runnable: Any = hoist_attributes(drop_state_copies(lower_cond_to_python(copy_graph_module(gm))))
+        runnable: Any = hoist_attributes(bind_operators(drop_state_copies(lower_cond_to_python(copy_graph_module(gm)))))
     elif backend == "inductor":
         runnable = torch.compile(gm, backend="inductor", dynamic=False, fullgraph=True)
     else:
