@@ -87,15 +87,20 @@ def span_variants() -> list[tuple[str, Any]]:
     for interval, veto in ((5, 0.2), (7, 0.3), (8, 0.2)):
         text = f"AdaCorrection(base=TaylorSeer(order=1, interval={interval}), veto={veto}, unit='span')"
         out.append((f"calibrated({text})", Calibrated(adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=interval), veto=veto, unit="span"))))
-    out += [("FORA(interval=2)", adacache.FORA(interval=2)), ("FORA(interval=3)", adacache.FORA(interval=3))]
-    out.append(("calibrated(AdaCorrection(base=FORA(interval=3), veto=0.2, unit='span', reuse='base'))",
-                Calibrated(adacache.AdaCorrection(base=adacache.FORA(interval=3), veto=0.2, unit="span", reuse="base"))))
-    out += [("FirstBlockCache(0.05)", adacache.FirstBlockCache(0.05)), ("FirstBlockCache(0.08)", adacache.FirstBlockCache(0.08))]
-    out.append(("calibrated(AdaCorrection(base=FirstBlockCache(0.12), veto=0.2, unit='span'))",
-                Calibrated(adacache.AdaCorrection(base=adacache.FirstBlockCache(0.12), veto=0.2, unit="span"))))
-    out += [(f"calibrated(TeaCache({th}))", Calibrated(adacache.TeaCache(th))) for th in (0.05, 0.1)]
-    out.append(("calibrated(AdaCorrection(base=TeaCache(0.1), veto=0.2, unit='span'))",
-                Calibrated(adacache.AdaCorrection(base=adacache.TeaCache(0.1), veto=0.2, unit="span"))))
+    out += [(f"FORA(interval={n})", adacache.FORA(interval=n)) for n in (2, 3, 4)]
+    # Over FORA a veto of 0.2 never fires (the calibrated span score stays below it); 0.08 and
+    # 0.15 over FORA(4) land between FORA's own intervals.
+    for veto in (0.08, 0.15):
+        text = f"AdaCorrection(base=FORA(interval=4), veto={veto}, unit='span', reuse='base')"
+        out.append((f"calibrated({text})", Calibrated(adacache.AdaCorrection(base=adacache.FORA(interval=4), veto=veto, unit="span", reuse="base"))))
+    out += [(f"FirstBlockCache({th})", adacache.FirstBlockCache(th)) for th in (0.03, 0.05, 0.08)]
+    for veto in (0.1, 0.2):
+        text = f"AdaCorrection(base=FirstBlockCache(0.12), veto={veto}, unit='span')"
+        out.append((f"calibrated({text})", Calibrated(adacache.AdaCorrection(base=adacache.FirstBlockCache(0.12), veto=veto, unit="span"))))
+    out += [(f"calibrated(TeaCache({th}))", Calibrated(adacache.TeaCache(th))) for th in (0.03, 0.05, 0.1)]
+    for base, veto in ((0.1, 0.2), (0.2, 0.1)):
+        text = f"AdaCorrection(base=TeaCache({base}), veto={veto}, unit='span')"
+        out.append((f"calibrated({text})", Calibrated(adacache.AdaCorrection(base=adacache.TeaCache(base), veto=veto, unit="span"))))
     return out
 
 

@@ -54,6 +54,8 @@ def test_bench_policy_expressions_mark_what_to_calibrate():
     assert parse_bench_policy("TeaCache(0.1)") == adacache.TeaCache(0.1)
     assert _family(adacache.TeaCache(0.1, coefficients=(2.0, 0.0))) == "adacache TeaCache (calibrated)"
     assert _family(adacache.TeaCache(0.1)) == "adacache TeaCache"
+    span = adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=5), veto=0.2, unit="span")
+    assert _family(span) == "adacache AdaCorrection+TaylorSeer (span)", "one decision per step is a curve of its own"
     with pytest.raises(adacache.PolicyError):
         parse_bench_policy("calibrated(Nope())")
 

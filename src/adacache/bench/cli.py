@@ -13,7 +13,7 @@ FULL_POLICIES = (
     "FORA(interval=8)", "FORA(interval=10)",
     "FORA(interval=3, reuse='residual')", "FORA(interval=3, granularity='module')",
     "FirstBlockCache(0.03)", "FirstBlockCache(0.05)", "FirstBlockCache(0.08)", "FirstBlockCache(0.12)", "FirstBlockCache(0.2)",
-    "TaylorSeer(order=1, interval=3)", "TaylorSeer(order=1, interval=5)", "TaylorSeer(order=1, interval=6)",
+    "TaylorSeer(order=1, interval=3)", "TaylorSeer(order=1, interval=4)", "TaylorSeer(order=1, interval=5)", "TaylorSeer(order=1, interval=6)",
     "TaylorSeer(order=1, interval=7)", "TaylorSeer(order=1, interval=8)",
     "TaylorSeer(order=2, interval=5)", "TaylorSeer(order=2, interval=7)", "TaylorSeer(order=1, interval=5, granularity='module')",
     "ZCache(base=TaylorSeer(order=1, interval=3))", "ZCache(base=TaylorSeer(order=1, interval=5))",
@@ -30,6 +30,13 @@ FULL_POLICIES = (
     "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=5), accept=0.05, veto=0.5))",
     "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=8), veto=0.5))",
     "calibrated(AdaCorrection(base=TeaCache(0.1)))", "calibrated(AdaCorrection(base=TeaCache(0.2)))",
+    # ... deciding once per step for the base's span (unit='span'), at vetoes that fire on each base.
+    "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=5), veto=0.2, unit='span'))",
+    "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=7), veto=0.3, unit='span'))",
+    "calibrated(AdaCorrection(base=FORA(interval=4), veto=0.08, unit='span', reuse='base'))",
+    "calibrated(AdaCorrection(base=FORA(interval=4), veto=0.15, unit='span', reuse='base'))",
+    "calibrated(AdaCorrection(base=FirstBlockCache(0.12), veto=0.1, unit='span'))",
+    "calibrated(AdaCorrection(base=TeaCache(0.2), veto=0.1, unit='span'))",
     # ... accepting reuse the base refused, and deciding alone (a base that caches and never reuses).
     "calibrated(AdaCorrection(base=FORA(interval=3), accept=0.05, veto=0.5))",
     "calibrated(AdaCorrection(base=FORA(interval=1), accept=0.05, veto=0.05))",

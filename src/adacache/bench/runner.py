@@ -146,7 +146,9 @@ def _family(policy: Policy) -> str:
         name = f"{type(policy).__name__} alone"  # a base that caches every step and proposes no reuse
     granularity = getattr(policy, "granularity", "block")
     calibrated = getattr(policy, "calibrated", False) or getattr(base, "calibrated", False)
-    return f"adacache {name}" + (" (module)" if granularity == "module" else "") + (" (calibrated)" if calibrated else "")
+    span = getattr(policy, "unit", "block") == "span"  # one decision per step: a curve of its own
+    return (f"adacache {name}" + (" (module)" if granularity == "module" else "") + (" (span)" if span else "")
+            + (" (calibrated)" if calibrated else ""))
 
 
 def _policy_stats(cached: Any) -> dict[str, Any]:
