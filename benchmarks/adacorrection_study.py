@@ -27,6 +27,7 @@ import torch
 
 import adacache
 from adacache.bench import tracks
+from adacache.bench.cli import parse_bench_policy
 from adacache.bench.runner import machine_info
 from adacache.bench.tracks import Calibrated
 from adacache.policies.parse import parse_policy
@@ -80,28 +81,29 @@ def zcache_variants(fitted: dict[float, adacache.TeaCache]) -> list[tuple[str, A
     return out
 
 
+SPAN_VARIANTS = (
+    "TaylorSeer(order=1, interval=4)", "TaylorSeer(order=1, interval=5)", "TaylorSeer(order=1, interval=6)",
+    "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=5), veto=0.2, unit='span'))",
+    "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=7), veto=0.3, unit='span'))",
+    "calibrated(AdaCorrection(base=TaylorSeer(order=1, interval=8), veto=0.2, unit='span'))",
+    "FORA(interval=2)", "FORA(interval=3)", "FORA(interval=4)",
+    # Over FORA a veto of 0.2 never fires (the calibrated span score stays below it); 0.08 and
+    # 0.15 over FORA(4) land between FORA's own intervals.
+    "calibrated(AdaCorrection(base=FORA(interval=4), veto=0.08, unit='span', reuse='base'))",
+    "calibrated(AdaCorrection(base=FORA(interval=4), veto=0.15, unit='span', reuse='base'))",
+    "FirstBlockCache(0.03)", "FirstBlockCache(0.05)", "FirstBlockCache(0.08)",
+    "calibrated(AdaCorrection(base=FirstBlockCache(0.12), veto=0.1, unit='span'))",
+    "calibrated(AdaCorrection(base=FirstBlockCache(0.12), veto=0.2, unit='span'))",
+    "calibrated(TeaCache(0.03))", "calibrated(TeaCache(0.05))", "calibrated(TeaCache(0.1))",
+    "calibrated(AdaCorrection(base=TeaCache(0.1), veto=0.2, unit='span'))",
+    "calibrated(AdaCorrection(base=TeaCache(0.2), veto=0.1, unit='span'))",
+)
+
+
 def span_variants() -> list[tuple[str, Any]]:
     """AdaCorrection deciding once per step for the base's span (``unit="span"``), against
     the base's own neighbouring settings at the same FLOP bound."""
-    out: list[tuple[str, Any]] = [(f"TaylorSeer(order=1, interval={n})", adacache.TaylorSeer(order=1, interval=n)) for n in (4, 5, 6)]
-    for interval, veto in ((5, 0.2), (7, 0.3), (8, 0.2)):
-        text = f"AdaCorrection(base=TaylorSeer(order=1, interval={interval}), veto={veto}, unit='span')"
-        out.append((f"calibrated({text})", Calibrated(adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=interval), veto=veto, unit="span"))))
-    out += [(f"FORA(interval={n})", adacache.FORA(interval=n)) for n in (2, 3, 4)]
-    # Over FORA a veto of 0.2 never fires (the calibrated span score stays below it); 0.08 and
-    # 0.15 over FORA(4) land between FORA's own intervals.
-    for veto in (0.08, 0.15):
-        text = f"AdaCorrection(base=FORA(interval=4), veto={veto}, unit='span', reuse='base')"
-        out.append((f"calibrated({text})", Calibrated(adacache.AdaCorrection(base=adacache.FORA(interval=4), veto=veto, unit="span", reuse="base"))))
-    out += [(f"FirstBlockCache({th})", adacache.FirstBlockCache(th)) for th in (0.03, 0.05, 0.08)]
-    for veto in (0.1, 0.2):
-        text = f"AdaCorrection(base=FirstBlockCache(0.12), veto={veto}, unit='span')"
-        out.append((f"calibrated({text})", Calibrated(adacache.AdaCorrection(base=adacache.FirstBlockCache(0.12), veto=veto, unit="span"))))
-    out += [(f"calibrated(TeaCache({th}))", Calibrated(adacache.TeaCache(th))) for th in (0.03, 0.05, 0.1)]
-    for base, veto in ((0.1, 0.2), (0.2, 0.1)):
-        text = f"AdaCorrection(base=TeaCache({base}), veto={veto}, unit='span')"
-        out.append((f"calibrated({text})", Calibrated(adacache.AdaCorrection(base=adacache.TeaCache(base), veto=veto, unit="span"))))
-    return out
+    return [(text, parse_bench_policy(text)) for text in SPAN_VARIANTS]
 
 
 def ablation_variants() -> list[tuple[str, Any]]:

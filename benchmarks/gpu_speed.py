@@ -41,7 +41,8 @@ POLICIES = {
 }
 
 
-def build(name: str, dtype: torch.dtype, device: torch.device, input_size: int | None, batch: int) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+def build(name: str, dtype: torch.dtype, device: torch.device, input_size: int | None, batch: int,
+          steps: int) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """A randomly initialised DiT with non-zero gates, and one input dict per step."""
     config = CONFIGS[name]()
     if input_size:
@@ -56,7 +57,7 @@ def build(name: str, dtype: torch.dtype, device: torch.device, input_size: int |
     x = torch.randn(batch, config.in_channels, config.input_size, config.input_size, generator=gen).to(device, dtype)
     # A CFG batch: conditional half, then the null class.
     y = torch.tensor([1] * (batch // 2) + [config.num_classes] * (batch - batch // 2), device=device)
-    return model, [dict(x=x, timestep=t.expand(batch).to(device), class_labels=y) for t in torch.linspace(999, 0, STEPS).round()]
+    return model, [dict(x=x, timestep=t.expand(batch).to(device), class_labels=y) for t in torch.linspace(999, 0, steps).round()]
 
 
 class ReadsTimestep(torch.nn.Module):
@@ -71,8 +72,6 @@ class ReadsTimestep(torch.nn.Module):
         float(timestep.reshape(-1)[0])
         return self.model(x, timestep, class_labels)
 
-
-STEPS = 50
 
 
 def generate(denoiser: Any, feeds: list[dict[str, Any]]) -> torch.Tensor:
@@ -103,7 +102,6 @@ def host_syncs(denoiser: Any, feeds: list[dict[str, Any]]) -> int | None:
 
 
 def main() -> None:
-    global STEPS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=["dit-s", "dit-xl"], choices=sorted(CONFIGS))
     parser.add_argument("--dtypes", nargs="*", default=["bf16", "fp32"], choices=sorted(DTYPES))
@@ -116,7 +114,6 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    STEPS = args.steps
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True  # what a serving stack runs fp32 with
     machine = machine_info()
@@ -126,7 +123,7 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine, "steps": args.steps, "repeats": args.repeats, "runs": []}
     for model_name in args.models:
         for dtype_name in args.dtypes:
-            model, feeds = build(model_name, DTYPES[dtype_name], device, args.input_size, args.batch)
+            model, feeds = build(model_name, DTYPES[dtype_name], device, args.input_size, args.batch, args.steps)
             for backend in args.backends:
                 started = time.perf_counter()
                 original = model if backend == "eager" else torch.compile(model, dynamic=False)

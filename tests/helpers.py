@@ -31,6 +31,16 @@ def denoise(model: torch.nn.Module, inputs: Callable[[torch.Tensor], dict[str, A
     return outs
 
 
+def moving(inputs: Callable[[torch.Tensor], dict[str, Any]]) -> Callable[[torch.Tensor], dict[str, Any]]:
+    """The family's inputs with a latent that moves from step to step, as in sampling (the
+    offset score and data-dependent gates read the change, which a constant latent leaves still)."""
+    def step(t: torch.Tensor) -> dict[str, Any]:
+        kw = inputs(t)
+        key = "x" if "x" in kw else "hidden_states"
+        return dict(kw, **{key: kw[key] * (1 + t / 500)})
+    return step
+
+
 class CountAttention(TorchDispatchMode):
     """Counts attention kernels executed: one per transformer block (or attention module) run."""
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import adacache
 from adacache import ops
 from families import FAMILIES
-from helpers import run_against_reference, assert_onnx_matches_eager, denoise
+from helpers import run_against_reference, assert_onnx_matches_eager, denoise, moving
 from test_runtime import TIMESTEPS, _embed, _final
 
 
@@ -160,12 +160,6 @@ def reference_offset_scales(model, inputs, steps):
             ratios.append(err / score)
         scales[f"blocks.{i}"] = float(np.median(ratios))
     return scales
-
-
-def moving(inputs):
-    """The family's inputs with a latent that moves from step to step, as in sampling (the
-    offset score reads the block input, which a constant latent leaves still)."""
-    return lambda t: dict(inputs(t), x=inputs(t)["x"] * (1 + t / 500))
 
 
 def test_calibration_fits_a_scale_per_block_that_predicts_reuse_error():

@@ -15,7 +15,7 @@ import torch
 
 import adacache
 from families import FAMILIES
-from helpers import denoise
+from helpers import denoise, moving
 
 DEVICE = torch.device(os.environ.get("ADACACHE_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.gpu if DEVICE.type == "cuda" else []
@@ -48,16 +48,6 @@ def decisions(cached: torch.nn.Module) -> list[dict[str, bool]]:
 
 def state_devices(cached: torch.nn.Module) -> set[str]:
     return {t.device.type for slot in cached.current_session().slots.values() for t in slot.tensors}
-
-
-def moving(inputs):
-    """Inputs whose latent changes from step to step, as in sampling (data-dependent
-    policies read the change)."""
-    def step(t):
-        kw = inputs(t)
-        key = "x" if "x" in kw else "hidden_states"
-        return dict(kw, **{key: kw[key] * (1 + t / 500)})
-    return step
 
 
 POLICIES = {

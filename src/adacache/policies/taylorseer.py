@@ -22,7 +22,7 @@ class TaylorSeer(Policy):
         interval: N, full computation every N steps.
         warmup: leading steps that always compute (the first differences need them).
         granularity: ``block`` (block residuals, the default: on the reference model order 1,
-            interval 5 kept 37.6 dB at 4.15x with blocks and 36.7 dB at 2.11x with modules, see
+            interval 5 kept 37.6 dB at 4.24x with blocks and 36.7 dB at 2.23x with modules, see
             docs/findings.md) or ``module`` (attention / feed-forward outputs).
         reuse: ``output`` or ``residual``; default: residual for blocks, output for modules.
     """
