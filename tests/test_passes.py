@@ -96,7 +96,7 @@ ORIGINAL_TINY_DIT = [
 def test_rewritten_graph_structure_is_pinned(policy, expected):
     model, inputs, _ = FAMILIES["tiny_dit"]()
     cached = adacache.compile(model, policy, example_inputs=((), inputs(torch.tensor(900.0))))
-    program = cached.programs[0]
+    program = cached.adacache.programs[0]
     assert adacache.graph_structure(program.original) == ORIGINAL_TINY_DIT
     assert adacache.graph_structure(program.portable) == expected
     diff = adacache.graph_diff(program.original, program.portable)
@@ -178,7 +178,7 @@ def test_operator_bindings_are_the_generated_ones():
 def test_eager_lowering_binds_aten_operators_and_leaves_the_portable_graph_alone():
     model, inputs, _ = FAMILIES["tiny_dit"]()
     cached = adacache.compile(model, adacache.FORA(interval=2), example_inputs=((), inputs(torch.tensor(900.0))))
-    program = cached.programs[0]
+    program = cached.adacache.programs[0]
 
     def targets(gm):
         own = [n.target for n in gm.graph.nodes if n.op == "call_function"]
@@ -205,7 +205,7 @@ def test_eager_reuse_branch_runs_only_the_forecast():
     model, inputs, _ = FAMILIES["tiny_dit"]()
     policy = adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=2), veto=0.5)
     cached = adacache.compile(model, policy, example_inputs=((), inputs(torch.tensor(900.0))))
-    program = cached.programs[0]
+    program = cached.adacache.programs[0]
 
     def calls(branch):
         return [getattr(n.target, "__name__", n.target) for n in branch.graph.nodes if n.op in ("call_function", "call_method")]
@@ -213,3 +213,36 @@ def test_eager_reuse_branch_runs_only_the_forecast():
     assert calls(program.graph_module.site_1_reuse) == ["taylor_forecast", "cache_load", "contiguous", "new_ones"]
     portable = calls(program.portable.site_1_reuse)
     assert portable.count("clone") == 4, "the portable graph keeps cond's copies of D0, D1, the input and its scale"
+
+
+class _ResidualLinear(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x
+
+
+class _MaskedBlocks(torch.nn.Module):
+    """HunyuanVideo combines two attention masks with ``&``: a dunder operator whose Python
+    binding has no module FX could name in generated code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_ResidualLinear(8, 8) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        keep = (x > -10) & (x < 10) | (x == 0)
+        for block in self.blocks:
+            x = block(x)
+        return torch.where(keep, x, torch.zeros_like(x)) + timestep.view(-1, 1)
+
+
+@pytest.mark.parametrize("policy", [adacache.NoCache(), adacache.FORA(interval=2)])
+def test_dunder_operators_keep_their_aten_overload(policy):
+    model = _MaskedBlocks().eval()
+    for op in (torch.ops.aten.bitwise_and.Tensor, torch.ops.aten.__and__.Tensor, torch.ops.aten.__or__.Tensor):
+        binding = _python_binding(op)
+        assert binding is None or fx.node._get_qualified_name(binding)
+    compiled = adacache.compile(model, policy)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        for t in (900.0, 800.0):
+            assert torch.allclose(compiled(x, torch.full((2,), t)), model(x, torch.full((2,), t)))

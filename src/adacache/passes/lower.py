@@ -73,8 +73,20 @@ def _python_binding(op: torch._ops.OpOverload) -> Callable[..., Any] | None:
     for module in (torch._C._VariableFunctions, torch._C._nn):
         binding = getattr(module, name, None)
         if binding is not None and type(binding).__name__ == "builtin_function_or_method":
-            return binding
+            # FX must be able to name the binding in the code it generates; some bindings
+            # (``__and__``, ``__or__``, ``__lshift__``, ``unique_dim``...) have no module and no
+            # alias in ``torch``, so ``recompile`` would fail on them: keep the overload there.
+            return binding if _fx_can_name(binding) else None
     return None
+
+
+def _fx_can_name(fn: Callable[..., Any]) -> bool:
+    """Whether FX's code generator can refer to ``fn`` (it names every call_function target)."""
+    try:
+        fx.node._get_qualified_name(fn)
+    except RuntimeError:
+        return False
+    return True
 
 
 def bind_operators(gm: fx.GraphModule) -> fx.GraphModule:
