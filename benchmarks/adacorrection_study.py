@@ -132,7 +132,7 @@ def heatmap(policy_text: str, steps: int, guidance: float, out: Path) -> dict[st
     with adacache.session(cached) as sess, torch.inference_mode():
         sample(cached, labels, seeds=labels, num_steps=steps, guidance_scale=guidance)
         records = list(sess.stats.records)
-    sites = cached.programs[0].cached_sites
+    sites = cached.adacache.programs[0].cached_sites
     names = [s.name for s in sites]
     scales = [s.offset.gamma for s in sites]  # gamma * calibrated scale of each unit
     weight = np.full((len(sites), steps), np.nan)

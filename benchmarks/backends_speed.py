@@ -85,10 +85,10 @@ def main() -> None:
 
         variants = {
             "eager original": lambda: torch_run(model),
-            "eager cached": lambda: (eager_cached.reset(), torch_run(eager_cached)),
-            "eager graph": lambda: (eager_graph.reset(), torch_run(eager_graph)),
+            "eager cached": lambda: (eager_cached.adacache.reset(), torch_run(eager_cached)),
+            "eager graph": lambda: (eager_graph.adacache.reset(), torch_run(eager_graph)),
             "inductor original": lambda: torch_run(compiled_plain),
-            "inductor cached": lambda: (compiled_cached.reset(), torch_run(compiled_cached)),
+            "inductor cached": lambda: (compiled_cached.adacache.reset(), torch_run(compiled_cached)),
             "ort original": ort_plain,
             "ort cached": ort_cached,
         }

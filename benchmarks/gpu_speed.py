@@ -131,7 +131,7 @@ def main() -> None:
                 variants = [Variant("original + timestep read", "full", ReadsTimestep(original))]
                 for name in args.policies:
                     cached = adacache.compile(model, POLICIES[name](), backend=backend)
-                    variants.append(Variant(name, "adacache", cached, new_generation=cached.reset))
+                    variants.append(Variant(name, "adacache", cached, new_generation=cached.adacache.reset))
                 for v in [baseline, *variants]:  # warm up: capture, compile, allocator
                     if v.new_generation:
                         v.new_generation()

@@ -18,12 +18,21 @@ def output_tensor(out: Any) -> torch.Tensor:
     return out.sample
 
 
+def new_request(model: Any) -> None:
+    """Mark the start of a request on a compiled model (a plain model has nothing to mark)."""
+    runtime = getattr(type(model), "adacache", None)
+    if runtime is not None:
+        runtime.new_request()
+
+
 def denoise(model: torch.nn.Module, inputs: Callable[[torch.Tensor], dict[str, Any]], steps: int = 8) -> list[torch.Tensor]:
-    """Call ``model`` over a decreasing timestep schedule; return every step's output.
+    """Call ``model`` over a decreasing timestep schedule, as one request; return every
+    step's output.
 
     The inputs do not depend on earlier outputs, so a cached and an uncached run see the
     same inputs at every step and their outputs can be compared step by step.
     """
+    new_request(model)
     outs = []
     with torch.no_grad():
         for t in torch.linspace(950, 50, steps):
@@ -61,6 +70,8 @@ def assert_onnx_matches_eager(cached: torch.nn.Module, inputs: Callable[[torch.T
 
     adacache.export(cached, directory, example_inputs=((), inputs(timesteps[0])))
     engine = adacache.load(directory, provider="cpu")
+    new_request(cached)
+    engine.new_request()
     with torch.no_grad():
         for t in timesteps:
             feeds = inputs(t)
@@ -74,6 +85,7 @@ def run_against_reference(cached: torch.nn.Module, inputs: Callable[[torch.Tenso
     """Call ``cached`` over ``timesteps``, check each output against a hand-written
     reference, and return how many attention kernels ran at each step."""
     counts = []
+    new_request(cached)
     with torch.no_grad():
         for step, t in enumerate(timesteps):
             with CountAttention() as counter:

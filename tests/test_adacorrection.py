@@ -114,7 +114,7 @@ def test_adacorrection_splits_a_first_block_cache_span_per_block():
     model, inputs, _ = FAMILIES["tiny_dit"]()
     cached = adacache.compile(model, adacache.AdaCorrection(base=adacache.FirstBlockCache(1.0)))
     denoise(cached, inputs)
-    sites = cached.programs[0].layout.sites
+    sites = cached.adacache.programs[0].layout.sites
     assert [(s.label, s.role, s.gated_by) for s in sites] == [
         ("blocks.0", "probe", None), ("blocks.1", "cached", "site_0"), ("blocks.2", "cached", "site_0"), ("blocks.3", "cached", "site_0"),
     ]
@@ -175,7 +175,7 @@ def test_calibration_fits_a_scale_per_block_that_predicts_reuse_error():
     # The scale multiplies gamma in each unit's rule.
     cached = adacache.compile(model, fitted)
     denoise(cached, inputs)
-    rules = {s.label: s.offset.gamma for s in cached.programs[0].cached_sites}
+    rules = {s.label: s.offset.gamma for s in cached.adacache.programs[0].cached_sites}
     assert rules == pytest.approx(fitted.scales)
 
 
@@ -198,7 +198,7 @@ def test_offset_corrected_reuse_is_the_default_and_base_form_is_an_option():
     for reuse in ("residual", "base"):
         cached = adacache.compile(model, adacache.AdaCorrection(base=adacache.FORA(interval=3), reuse=reuse))
         denoise(cached, inputs)
-        forms[reuse] = {s.reuse for s in cached.programs[0].cached_sites}
+        forms[reuse] = {s.reuse for s in cached.adacache.programs[0].cached_sites}
     assert forms == {"residual": {"residual"}, "base": {"output"}}
 
 
@@ -215,7 +215,7 @@ def test_adacorrection_over_teacache_follows_its_gate_and_can_veto():
     got = denoise(composed, inputs)
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, atol=1e-6)
-    sites = composed.programs[0].cached_sites
+    sites = composed.adacache.programs[0].cached_sites
     assert [s.follows for s in sites] == [None] + ["site_0"] * (n_blocks - 1)
     assert sites[0].probe is not None and all(s.probe is None for s in sites[1:])
     per_step = adacache.summary(composed).per_step
@@ -299,7 +299,7 @@ def test_span_unit_decides_once_per_step_for_the_whole_span():
     quiet = adacache.compile(model, adacache.AdaCorrection(base=base, gamma=1e-6, veto=0.5, unit="span"))
     expected = denoise(adacache.compile(model, base), inputs)
     assert all(torch.equal(a, b) for a, b in zip(expected, denoise(quiet, inputs)))
-    sites = quiet.programs[0].cached_sites
+    sites = quiet.adacache.programs[0].cached_sites
     assert [(s.label, s.offset is not None) for s in sites] == [(f"blocks.0..{n_blocks - 1}", True)]
     assert adacache.summary(quiet).hit_rate == pytest.approx(0.5)
     # Every step vetoed (gamma huge): nothing reused, full computation's outputs.

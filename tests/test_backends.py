@@ -31,7 +31,7 @@ def test_inductor_backend_matches_eager_and_never_recompiles():
     first = denoise(compiled, inputs)  # compiles once, on the first call
     graphs_after_first = dynamo_utils.counters["stats"]["unique_graphs"]
     second = denoise(compiled, inputs)  # a second request of the same shapes
-    with compiled.session():
+    with compiled.adacache.session():
         denoise(compiled, inputs)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs_after_first, "skipping must not re-trace"
     for a, b, c in zip(eager, first, second):
@@ -69,6 +69,8 @@ def test_onnx_runtime_matches_eager_over_a_50_step_generation(fora_artifact):
     engine = adacache.load(path, provider="cpu")
     assert engine.provider == "CPUExecutionProvider"
     cached = adacache.compile(model, FORA(interval=3))
+    cached.adacache.new_request()  # explicit boundaries: no ambiguous first step on either side
+    engine.new_request()
     expected, got = [], []
     with torch.no_grad():
         for t in STEPS:
@@ -229,6 +231,8 @@ def test_onnx_runtime_matches_eager_on_the_reference_model(tmp_path):
         worst.append(float(np.abs(got - expected.numpy()).max()))
         return SimpleNamespace(sample=expected)
 
+    cached.adacache.new_request()  # `both` is a plain function: set the boundary on each side
+    engine.new_request()
     with torch.inference_mode():
         sample(both, labels, seeds=[0, 1], num_steps=50, guidance_scale=4.0)
     assert len(worst) == 50 and max(worst) < 1e-4

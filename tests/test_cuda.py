@@ -47,7 +47,7 @@ def decisions(cached: torch.nn.Module) -> list[dict[str, bool]]:
 
 
 def state_devices(cached: torch.nn.Module) -> set[str]:
-    return {t.device.type for slot in cached.current_session().slots.values() for t in slot.tensors}
+    return {t.device.type for slot in cached.adacache.current_session().slots.values() for t in slot.tensors}
 
 
 POLICIES = {
@@ -106,7 +106,7 @@ def test_inductor_on_the_gpu_matches_eager_and_never_recompiles():
     compiled = adacache.compile(model, adacache.TaylorSeer(order=1, interval=3), backend="inductor")
     first = denoise(compiled, inputs)
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
-    with compiled.session():
+    with compiled.adacache.session():
         second = denoise(compiled, inputs)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "skipping must not re-trace"
     for a, b, c in zip(eager, first, second):
@@ -126,7 +126,7 @@ def test_half_precision_caches_keep_the_model_dtype(dtype):
     assert all(torch.equal(a, b) for a, b in zip(expected, denoise(adacache.compile(model, adacache.NoCache()), half)))
     cached = adacache.compile(model, adacache.TaylorSeer(order=1, interval=3))
     got = denoise(cached, half)
-    floats = {t.dtype for s in cached.current_session().slots.values() for t in s.tensors if t.is_floating_point()}
+    floats = {t.dtype for s in cached.adacache.current_session().slots.values() for t in s.tensors if t.is_floating_point()}
     assert floats == {dtype}, "caches are stored in the model's precision"
     assert all(a.dtype == dtype and torch.isfinite(a).all() for a in got)
     assert torch.equal(got[0], expected[0]), "the first step computes everything"
@@ -137,12 +137,12 @@ def test_a_model_moved_after_its_first_call_recaptures_on_the_new_device():
     cached = adacache.compile(model, adacache.FORA(interval=3))
     denoise(cached, inputs, steps=2)
     cached.to(DEVICE)  # moves the wrapped model; the CPU program is keyed by its inputs' device
-    with cached.session():
+    with cached.adacache.session():
         got = denoise(cached, on(DEVICE, inputs))
         assert state_devices(cached) == {DEVICE.type}
     expected = denoise(adacache.compile(model, adacache.FORA(interval=3)), on(DEVICE, inputs))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
-    captured_on = {leaf[-1].split(":")[0] for p in cached.programs for leaf in p.captured.signature.leaves if leaf[0] == "tensor"}
+    captured_on = {leaf[-1].split(":")[0] for p in cached.adacache.programs for leaf in p.captured.signature.leaves if leaf[0] == "tensor"}
     assert captured_on == {"cpu", DEVICE.type}, "one program per device"
 
 
@@ -162,7 +162,7 @@ def test_zcache_sampling_on_the_gpu_matches_the_cpu():
             return m(x=x, timestep=t.expand(x.shape[0]).float(), class_labels=labels)[:, :4]
 
         out = adacache.sample(cached, scheduler, kw["x"].to(device), step)
-        return out.cpu(), cached.current_session().stats.replays
+        return out.cpu(), cached.adacache.current_session().stats.replays
 
     (expected, replays_cpu), (got, replays_gpu) = run(torch.device("cpu")), run(DEVICE)
     assert replays_gpu == replays_cpu > 0

@@ -152,6 +152,7 @@ def test_cfg_as_two_calls_per_step_keeps_a_cache_per_slot():
     alone_c = denoise(adacache.compile(model, adacache.FORA(interval=2)), cond_inputs)
     alone_u = denoise(adacache.compile(model, adacache.FORA(interval=2)), uncond_inputs)
     paired = adacache.compile(model, adacache.FORA(interval=2))
+    paired.adacache.new_request()
     with torch.no_grad():
         for step, t in enumerate(TIMESTEPS):
             c = paired(**cond_inputs(t))
@@ -174,6 +175,7 @@ def test_timestep_going_back_up_starts_a_new_generation():
 def test_batch_size_change_mid_generation_recomputes_instead_of_failing():
     model, inputs, _ = tiny()
     cached = adacache.compile(model, adacache.FORA(interval=4))
+    cached.adacache.new_request()
     with torch.no_grad():
         cached(**inputs(TIMESTEPS[0]))
         kw = inputs(TIMESTEPS[1])
@@ -197,7 +199,7 @@ def test_resolution_change_between_generations_recaptures():
     got = denoise(cached, larger, steps=3)
     assert got[0].shape == (2, 8, 16, 16)
     assert torch.allclose(got[0], expected[0], atol=1e-6), "a new resolution starts with a full step"
-    assert len(cached.programs) == 2
+    assert len(cached.adacache.programs) == 2
 
 
 def test_nan_cache_is_never_reused_and_is_counted():
@@ -235,6 +237,7 @@ def test_concurrent_requests_do_not_mix_caches():
 
     def worker(key, fn):
         barrier.wait()
+        cached.adacache.new_request()  # this thread's own session
         outs = []
         with torch.no_grad():
             for t in TIMESTEPS:
@@ -259,14 +262,14 @@ def test_explicit_session_isolates_and_reset_restarts():
             out = cached(**inputs(TIMESTEPS[1]))
             assert sess.step == 0, "a fresh session starts at step 0"
         assert torch.equal(out, model(**inputs(TIMESTEPS[1])))
-        cached.reset()
-        assert cached.current_session().step == -1
+        cached.adacache.reset()
+        assert cached.adacache.current_session().step == -1
 
 
 def test_session_used_from_another_thread_is_refused():
     model, inputs, _ = tiny()
     cached = adacache.compile(model, adacache.FORA(interval=2))
-    sess = cached.current_session()
+    sess = cached.adacache.current_session()
     errors = []
 
     def worker():
@@ -326,7 +329,7 @@ def test_summary_reports_hits_flops_and_memory():
 def test_nocache_outlines_every_block_and_keeps_no_state():
     model, inputs, n_blocks = tiny()
     cached = adacache.compile(model, adacache.NoCache(), example_inputs=((), inputs(TIMESTEPS[0])))
-    program = cached.programs[0]
+    program = cached.adacache.programs[0]
     assert program.layout.states == [] and program.layout.controls == []
     assert [line for line in adacache.graph_structure(program.portable) if line.startswith("call ")] == [
         f"call site_{i}" for i in range(n_blocks)

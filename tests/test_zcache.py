@@ -57,6 +57,7 @@ def test_sample_without_reflection_is_the_plain_loop():
     scheduler.set_timesteps(12)
     x = x0
     again = adacache.compile(model, adacache.TaylorSeer(order=1, interval=3))
+    again.adacache.new_request()  # an explicit boundary, as sample() sets one
     with torch.inference_mode():
         for t in scheduler.timesteps:
             x = scheduler.step(denoise(again, x, t), t, x).prev_sample
@@ -76,7 +77,7 @@ def test_reflection_with_the_old_anchor_alone_reproduces_the_base(monkeypatch, i
     monkeypatch.setattr(runtime_sampling, "reflection_weight", lambda k, t1, t2, kind="log": 1.0 if k == t2 else 0.0)
     zcache = adacache.compile(model, adacache.ZCache(base=base))
     got = adacache.sample(zcache, scheduler, x0, denoise)
-    assert zcache.current_session().stats.replays > 0
+    assert zcache.adacache.current_session().stats.replays > 0
     assert torch.allclose(got, expected, atol=1e-5)
 
 
@@ -94,7 +95,7 @@ def test_zcache_reflects_each_window_at_small_extra_cost():
     model, cached, scheduler, x0, denoise = _setup(adacache.ZCache(base=adacache.TaylorSeer(order=1, interval=3)))
     out = adacache.sample(cached, scheduler, x0, denoise)
     assert torch.isfinite(out).all()
-    stats = cached.current_session().stats
+    stats = cached.adacache.current_session().stats
     # full steps at 0, 1, 4, 7, 10 (warmup 1, interval 3): windows (1, 4], (4, 7], (7, 10] replay 3 calls each
     assert stats.replays == 9
     summary = adacache.summary(cached)
@@ -111,7 +112,7 @@ def test_the_window_closing_at_the_last_step_is_reflected_only_on_request(reflec
     _, cached, scheduler, x0, denoise = _setup(policy)
     scheduler.set_timesteps(11)  # full steps at 0, 1, 4, 7 and 10, the last
     adacache.sample(cached, scheduler, x0, denoise)
-    stats = cached.current_session().stats
+    stats = cached.adacache.current_session().stats
     assert not any(bool(flag) for rec in stats.records if rec.step == 10 for flag in rec.reused.values())
     assert stats.replays == replays
 
@@ -125,7 +126,7 @@ def test_reference_sampler_hands_zcache_to_the_runtime_loop():
     cached = adacache.compile(model, policy)
     with torch.inference_mode():
         got = sample(cached, [1, 7], seeds=[0, 1], num_steps=10, guidance_scale=2.0)
-    assert cached.current_session().stats.replays > 0, "reflection ran"
+    assert cached.adacache.current_session().stats.replays > 0, "reflection ran"
     # The same generation written against adacache.sample directly.
     from adacache.reference.sampling import initial_noise
 
@@ -146,7 +147,7 @@ def test_zcache_over_teacache_reflects_the_adaptive_windows_it_took():
     tea = adacache.TeaCache(0.3, coefficients=(0.5, 0.0))
     model, cached, scheduler, x0, denoise = _setup(adacache.ZCache(base=tea))
     out = adacache.sample(cached, scheduler, x0, denoise)
-    stats = cached.current_session().stats
+    stats = cached.adacache.current_session().stats
     full = [rec.step for rec in stats.records if not bool(rec.reused["site_0"])]
     windows = [(a, b) for a, b in zip(full, full[1:]) if b - a > 1 and b < 11]  # step 11 is the last
     assert windows, "the threshold leaves some windows to reflect"
@@ -165,7 +166,7 @@ def test_zcache_with_interval_one_has_nothing_to_reflect():
         for t in scheduler.timesteps:
             x = scheduler.step(denoise(model, x, t), t, x).prev_sample
     assert torch.allclose(out, x, atol=1e-5)
-    assert cached.current_session().stats.replays == 0
+    assert cached.adacache.current_session().stats.replays == 0
 
 
 def test_zcache_refuses_what_it_cannot_do(tmp_path):

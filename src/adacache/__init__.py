@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "compile": "adacache.api",
+    "uncompile": "adacache.api",
     "explain": "adacache.api",
     "session": "adacache.api",
     "summary": "adacache.api",

@@ -12,37 +12,68 @@ from torch import nn
 from .report import SiteSummary, Summary, graph_diff
 from .policies.base import Policy
 from .runtime import CachedModule, Session
+from .runtime.module import Runtime, compiled_view, plain_model
+from .runtime.pipeline import DENOISER_NAMES, compile_pipeline, is_pipeline, uncompile_pipeline
+from .validate import check_example_inputs
 
 
 def compile(  # noqa: A001 - mirrors torch.compile on purpose
-    model: nn.Module,
+    model: Any,
     policy: Policy,
     *,
     blocks: str | Sequence[str] | None = None,
     backend: str = "eager",
     example_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
-) -> CachedModule:
-    """Wrap ``model`` so its transformer blocks are cached by ``policy``.
+) -> Any:
+    """Cache the transformer blocks of a model, or of every denoiser of a diffusers pipeline.
 
     Args:
-        model: a DiT (diffusers transformer or any module with repeated residual blocks).
+        model: a DiT (diffusers transformer or any module with repeated residual blocks), or
+            a diffusers pipeline: then each ``transformer`` / ``transformer_2`` is compiled and
+            every pipeline call is one request with fresh caches.
         policy: ``adacache.FORA(...)``, ``adacache.FirstBlockCache(...)``, ...
         blocks: glob(s) over qualified module names that name the blocks, when the
             automatic search (``_repeated_blocks``, ``transformer_blocks``, ``blocks``, ...)
             does not fit the model.
         backend: ``"eager"`` (default) or ``"inductor"`` (``torch.compile`` of the cached
             graph; the skip decision is a graph input, so it never re-traces).
-        example_inputs: ``(args, kwargs)`` to capture with now; otherwise the first call's
-            inputs are used.
+        example_inputs: ``(args, kwargs)`` to capture with now (a model only); otherwise the
+            first call's inputs are used.
 
     Returns:
-        A module with the model's call signature and output type.
+        For a model: the compiled model, an instance of a subclass of the model's class that
+        shares its state (weights, adapters, processors), so diffusers' and PEFT's methods keep
+        working on it; the model passed in is not changed. Its runtime is ``compiled.adacache``.
+        For a pipeline: a copy of the pipeline (same components) with compiled denoisers.
+        :func:`uncompile` gives back the plain model or pipeline.
     """
-    cached = CachedModule(model, policy, blocks=blocks, backend=backend)
+    def runtime_for(module: nn.Module) -> Runtime:
+        return Runtime(module, policy, blocks=blocks, backend=backend)
+
+    if is_pipeline(model):
+        if example_inputs is not None:
+            raise TypeError("example_inputs applies to a model; a pipeline captures its denoisers at its first call")
+        return compile_pipeline(model, runtime_for)
+    if isinstance(model, CachedModule):
+        raise TypeError("this model is already compiled by adacache; compile adacache.uncompile(model) to change the policy")
+    runtime = runtime_for(model)
+    compiled = compiled_view(model, runtime)
     if example_inputs is not None:
-        args, kwargs = example_inputs
-        cached.prepare(*args, **kwargs)
-    return cached
+        args, kwargs = check_example_inputs(example_inputs)
+        runtime.prepare(*args, **kwargs)
+    return compiled
+
+
+def uncompile(model: Any) -> Any:
+    """The plain model (or pipeline with plain denoisers) behind what :func:`compile` returned.
+
+    Nothing is copied: the plain model shares the compiled one's weights and adapters.
+    """
+    if isinstance(model, CachedModule):
+        return plain_model(model)
+    if is_pipeline(model):
+        return uncompile_pipeline(model)
+    raise TypeError(f"expected a model or pipeline returned by adacache.compile, got {type(model).__name__}")
 
 
 def export(
@@ -66,6 +97,7 @@ def export(
         opset: ONNX opset (default: the exporter's).
     """
     cached = _cached(model)
+    example_inputs = check_example_inputs(example_inputs)
     if format == "onnx":
         from .backends.onnx import export_onnx
 
@@ -77,15 +109,19 @@ def export(
     raise ValueError(f"unknown export format {format!r}; use 'onnx' or 'tensorrt'")
 
 
-def _cached(model: nn.Module) -> CachedModule:
+def _cached(model: Any) -> Runtime:
+    """The runtime of a compiled model, or of a compiled pipeline's (first) denoiser."""
+    if is_pipeline(model):
+        model = next((getattr(model, n) for n in DENOISER_NAMES if isinstance(getattr(model, n, None), CachedModule)), model)
     if not isinstance(model, CachedModule):
-        raise TypeError(f"expected a model returned by adacache.compile, got {type(model).__name__}")
-    return model
+        raise TypeError(f"expected a model or pipeline returned by adacache.compile, got {type(model).__name__}")
+    return type(model).adacache
 
 
-def session(model: nn.Module) -> contextlib.AbstractContextManager[Session]:
-    """``with adacache.session(model) as s:`` runs one request with its own cache state."""
-    return _cached(model).session()
+def session(model: nn.Module, total_steps: int | None = None) -> contextlib.AbstractContextManager[Session]:
+    """``with adacache.session(model) as s:`` runs one request with its own cache state
+    (``total_steps``: how many steps it will run, when known)."""
+    return _cached(model).session(total_steps)
 
 
 def summary(model: nn.Module, session: Session | None = None) -> Summary:
@@ -95,7 +131,7 @@ def summary(model: nn.Module, session: Session | None = None) -> Summary:
     current (or last) generation; counters cover the session's whole life.
     """
     cached = _cached(model)
-    sess = session or cached.current_session()
+    sess = session or cached.latest_session()
     stats = sess.stats
     programs = cached.programs
     if not programs:
@@ -125,6 +161,8 @@ def summary(model: nn.Module, session: Session | None = None) -> Summary:
         model_flops_per_call=flops["<model>"],
         per_step=per_step,
         replays=stats.replays,
+        restarts=stats.restarts,
+        recaptures=list(stats.recaptures),
     )
 
 

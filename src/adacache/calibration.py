@@ -17,7 +17,7 @@ from .errors import PolicyError
 from .policies.adacorrection import AdaCorrection
 from .policies.base import Policy, SitePlan
 from .policies.teacache import TeaCache
-from .runtime.module import CachedModule
+from .runtime.module import Runtime
 from .stepping import StepTracker
 
 
@@ -99,12 +99,13 @@ class _UnitRecorder(nn.Module):
     number of steps.
     """
 
-    def __init__(self, model: nn.Module, policy: AdaCorrection, planner: CachedModule) -> None:
+    def __init__(self, model: nn.Module, policy: AdaCorrection, planner: Runtime) -> None:
         super().__init__()
         self.model = model
         self.policy = policy
         self.planner = planner
         self.tracker = StepTracker()
+        self.tracker.begin_request()  # the run starts a request; later ones are inferred
         self.sites: list[SitePlan] = []
         self.hooks: list[Any] = []
         self.previous: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -121,7 +122,7 @@ class _UnitRecorder(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.sites:
             self._attach(self.planner.prepare(*args, **kwargs))
-        self.tracker.advance(self.planner._timestep_of(args, kwargs))
+        self.tracker.advance(self.planner.timestep_of(args, kwargs))
         self._slot = self.tracker.slot
         if self.tracker.step == 0:
             self.previous = {k: v for k, v in self.previous.items() if k[0] != self._slot}
@@ -216,7 +217,7 @@ def fit_offset_scales(model: nn.Module, policy: AdaCorrection, run: Callable[[nn
     (BENCHMARKS.md), because blocks differ several-fold in how much error a given input drift
     causes.
     """
-    planner = compile_model(model, dataclasses.replace(policy, scales={}))
+    planner = compile_model(model, dataclasses.replace(policy, scales={})).adacache
     recorder = _UnitRecorder(model, policy, planner)
     try:
         with torch.inference_mode():

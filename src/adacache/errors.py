@@ -29,3 +29,8 @@ class ExportError(AdaCacheError):
 
 class ArtifactError(AdaCacheError):
     """An exported artifact is missing, corrupt, incompatible, or fed wrong inputs."""
+
+
+class InputError(AdaCacheError, TypeError):
+    """An argument of an adacache function has the wrong form (for example ``example_inputs``
+    that is not an ``(args, kwargs)`` pair). A TypeError, as Python raises for such mistakes."""

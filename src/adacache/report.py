@@ -140,6 +140,8 @@ class Summary:
     model_flops_per_call: int
     per_step: list[dict[str, Any]] = field(default_factory=list)
     replays: int = 0  # reflected calls (Z-Cache) that ran only the non-block part
+    restarts: int = 0  # ambiguous request boundaries where the caches were cleared
+    recaptures: list[str] = field(default_factory=list)  # why graphs were captured again
 
     @property
     def reflection_flops(self) -> float:
@@ -178,6 +180,7 @@ class Summary:
             f"  hit rate {self.hit_rate:.1%}, FLOPs skipped {self.flops_skipped:.1%} "
             f"(FLOP-bound speedup {self.flop_bound_speedup:.2f}x), cache memory {self.cache_bytes / 2**20:.2f} MiB"
             + (f", reflection: {self.replays} replayed calls, {self.reflection_flops:.2%} extra FLOPs" if self.replays else ""),
+            *(f"  re-captured because the model changed: {reason}" for reason in self.recaptures),
             f"  {'site':<8} {'covers':<32} {'reused':>8} {'hit rate':>9} {'MFLOP/call':>11}",
         ]
         rows = [

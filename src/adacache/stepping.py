@@ -31,44 +31,130 @@ def allow_reuse(schedule: dict[str, Any], step: int) -> bool:
     raise ValueError(f"unknown schedule kind {kind!r}; known kinds: {SCHEDULE_KINDS}")
 
 
+#: A change of timestep larger than this many times the previous change cannot be the next
+#: step of the same schedule: across diffusers' schedulers (uniform, Karras, exponential,
+#: beta and shifted flow-match sigmas) consecutive changes differ by at most 2.2x.
+MAX_GAP_GROWTH = 4.0
+
+#: What one call is, as :meth:`StepTracker.advance` tells it.
+NEW_REQUEST = "new_request"  # the first call of a request: every cache starts empty
+RESTART = "restart"  # same request, but nothing cached before this call may be reused
+NEXT_STEP = "next_step"
+NEXT_SLOT = "next_slot"  # the same timestep again: another call of the same step
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
 @dataclass
 class StepTracker:
-    """Recognises steps, call slots and generations from a model's timestep input.
+    """Recognises requests, steps and call slots from a model's timestep input.
 
-    * the same timestep again is the next *slot* of the step (CFG run as two calls);
-    * a smaller timestep is the next step;
-    * a larger timestep, or the first call, starts a new generation;
-    * without a timestep (``None``), each call is one step.
+    A request starts explicitly (:meth:`begin_request`: a pipeline call, ``adacache.session``,
+    ``new_request()``) or is inferred. Within a request:
+
+    * the same timestep again is the next *slot* of the step (CFG run as two calls, the
+      second call of a Heun step); each slot keeps its own cache, so a call only ever reuses
+      features of the same kind of call one step earlier;
+    * a different timestep is the next step. The schedule's direction (falling for most
+      schedulers, rising for Lumina's ``1 - t``) is learned from the first change, and later
+      changes must keep it and stay within :data:`MAX_GAP_GROWTH` times the previous change.
+
+    Inferred boundaries, when no explicit one was given:
+
+    * the first call, a change against the learned direction, or a jump beyond
+      ``MAX_GAP_GROWTH`` starts a new request;
+    * the first change of timestep in an inferred request is ambiguous (the request may
+      have had one step, or been cancelled after it, and the call be the next request's):
+      the tracker *restarts* there, so the call computes in full and nothing from before it
+      is reused. A bare denoising loop therefore computes its first two steps in full; an
+      explicit request computes only the first.
+
+    In an explicit request nothing is inferred: a change against the direction restarts
+    (the caches are cleared, the request goes on) and jumps are trusted.
+
+    Without a timestep (``None``), each call is one step; only explicit boundaries and the
+    first call start a request.
     """
 
     step: int = -1
     slot: int = 0
     last_timestep: float | None = None
     generations: int = 0
+    restarts: int = 0
+    explicit: bool = False
+    direction: int = 0
+    last_gap: float = 0.0
+    _explicit_next: bool = False
 
-    def advance(self, timestep: float | None) -> bool:
-        """Account for one call; return True when it starts a new generation."""
-        new_generation = False
-        if timestep is None:
-            new_generation = self.step < 0
-            self.step += 1
-            self.slot = 0
-        elif self.last_timestep is None or timestep > self.last_timestep:
-            new_generation = True
-            self.step, self.slot = 0, 0
-        elif timestep == self.last_timestep:
+    def begin_request(self) -> None:
+        """The next call starts a new request, whatever its timestep."""
+        self.reset()
+        self._explicit_next = True
+
+    def advance(self, timestep: float | None) -> str:
+        """Account for one call; return what it is: :data:`NEW_REQUEST`, :data:`RESTART`,
+        :data:`NEXT_STEP` or :data:`NEXT_SLOT`."""
+        if self.step < 0:
+            return self._start(timestep)
+        if timestep is None or self.last_timestep is None:
+            if (timestep is None) != (self.last_timestep is None):
+                return self._start(timestep)  # the timestep input appeared or vanished
+            self.step, self.slot = self.step + 1, 0
+            return NEXT_STEP
+        change = timestep - self.last_timestep
+        if change == 0:
             self.slot += 1
-        else:
-            self.step += 1
-            self.slot = 0
-        if new_generation:
-            self.generations += 1
-        self.last_timestep = timestep
-        return new_generation
+            return NEXT_SLOT
+        gap = abs(change)
+        if self.direction == 0:
+            self.direction, self.last_gap = _sign(change), gap
+            if self.explicit:
+                return self._next(timestep)
+            return self._restart(timestep)  # a one-step or cancelled request before this call?
+        if _sign(change) != self.direction:
+            return self._restart(timestep) if self.explicit else self._start(timestep)
+        if not self.explicit and gap > MAX_GAP_GROWTH * self.last_gap:
+            return self._start(timestep)
+        self.last_gap = gap
+        return self._next(timestep)
+
+    def _next(self, timestep: float) -> str:
+        self.step, self.slot, self.last_timestep = self.step + 1, 0, timestep
+        return NEXT_STEP
+
+    def _restart(self, timestep: float) -> str:
+        self.step, self.slot, self.last_timestep = 0, 0, timestep
+        self.restarts += 1
+        return RESTART
+
+    def _start(self, timestep: float | None) -> str:
+        self.explicit, self._explicit_next = self._explicit_next, False
+        self.step, self.slot, self.last_timestep = 0, 0, timestep
+        self.direction, self.last_gap = 0, 0.0
+        self.generations += 1
+        return NEW_REQUEST
+
+    @staticmethod
+    def starts_fresh(event: str) -> bool:
+        """Whether a call of this kind must start from empty caches."""
+        return event in (NEW_REQUEST, RESTART)
 
     def reset(self) -> None:
-        """Forget the position: the next call starts a new generation."""
+        """Forget the position: the next call starts a new request."""
         self.step, self.slot, self.last_timestep = -1, 0, None
+        self.direction, self.last_gap = 0, 0.0
+        self._explicit_next = False
+
+
+def mixed_timesteps_message(low: float, high: float) -> str:
+    """The error text for a batch whose rows carry different timesteps."""
+    return (
+        f"the batch's rows carry different timesteps ({low:g} ... {high:g}); a cached model keeps one "
+        "denoising position per call, so rows at different steps would share one row's cache. "
+        "Call the model once per timestep (or batch only requests at the same step)"
+    )
 
 
 def forecast_controls(schedule: dict[str, Any], step: int, order: int) -> tuple[list[float], list[float]]:

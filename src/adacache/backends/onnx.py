@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from ..deploy.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from ..errors import ExportError
-from ..runtime.module import TIMESTEP_NAMES, CachedModule
+from ..runtime.module import TIMESTEP_NAMES, Runtime
 from ..runtime.program import Program
 
 
@@ -51,7 +51,7 @@ class _FlatTensorsOnly(nn.Module):
         return tuple(self.gm(*full, *tensors[n_user:]))
 
 
-def check_exportable(cached: CachedModule, program: Program, backend: str) -> dict[str, dict[str, Any]]:
+def check_exportable(cached: Runtime, program: Program, backend: str) -> dict[str, dict[str, Any]]:
     """The schedule spec of every cached site, or an ExportError saying what cannot be exported."""
     policy = cached.policy
     if backend not in policy.backends:
@@ -73,7 +73,7 @@ def check_exportable(cached: CachedModule, program: Program, backend: str) -> di
 
 
 def export_onnx(
-    cached: CachedModule,
+    cached: Runtime,
     directory: str | Path,
     example_inputs: tuple[tuple[Any, ...], dict[str, Any]],
     *,

@@ -133,7 +133,7 @@ def policy_variant(model: torch.nn.Module, policy: Policy, name: str | None = No
         family=_family(policy),
         denoiser=cached,
         policy=policy,
-        new_generation=cached.reset,
+        new_generation=cached.adacache.reset,
         stats=lambda: _policy_stats(cached),
     )
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError
-from ..stepping import StepTracker, allow_reuse, forecast_controls
+from ..stepping import StepTracker, allow_reuse, forecast_controls, mixed_timesteps_message
 from .manifest import read_manifest
 
 _NUMPY_DTYPES = {
@@ -64,7 +64,12 @@ class OnnxEngine:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         providers = choose_providers(provider, ort.get_available_providers())
-        self.session = ort.InferenceSession(str(self.directory / self.manifest["model_file"]), session_options, providers=providers)
+        model_file = self.directory / self.manifest["model_file"]
+        try:
+            self.session = ort.InferenceSession(str(model_file), session_options, providers=providers)
+        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
+            raise ArtifactError(f"ONNX Runtime cannot load {model_file} ({exc}); the artifact is corrupt, re-export it") from exc
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self._ort = ort
@@ -99,8 +104,13 @@ class OnnxEngine:
 
     # -- calling ------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the caches; the next call starts a new generation."""
-        self.tracker.reset()
+        """Forget the caches; the next call starts a new request (same as :meth:`new_request`)."""
+        self.new_request()
+
+    def new_request(self) -> None:
+        """The next call starts a new request: nothing cached before it is reused, whatever
+        its timestep. Call it before each generation when the engine serves several."""
+        self.tracker.begin_request()
         self._slots.clear()
 
     def _check_inputs(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -127,12 +137,17 @@ class OnnxEngine:
         name = self.manifest.get("timestep_input")
         if name is None:
             return None
-        value = arrays[name]
-        return float(value.reshape(-1)[0]) if value.size else None
+        value = arrays[name].reshape(-1)
+        if not value.size:
+            return None
+        low, high = float(value.min()), float(value.max())
+        if low != high:
+            raise ArtifactError(mixed_timesteps_message(low, high))
+        return low
 
     def __call__(self, **feeds: Any) -> dict[str, np.ndarray]:
         arrays = self._check_inputs(feeds)
-        if self.tracker.advance(self._timestep(arrays)):
+        if StepTracker.starts_fresh(self.tracker.advance(self._timestep(arrays))):
             self._slots.clear()
         slot = self.tracker.slot
         if slot not in self._slots:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError
-from ..stepping import StepTracker, allow_reuse, forecast_controls
+from ..stepping import StepTracker, allow_reuse, forecast_controls, mixed_timesteps_message
 from .manifest import read_manifest
 
 
@@ -50,8 +50,23 @@ class TensorRTEngine:
         return [self._torch.zeros(s["shape"], dtype=self._dtype(s["dtype"]), device="cuda") for s in self.manifest["states"]]
 
     def reset(self) -> None:
-        self.tracker.reset()
+        """Forget the caches; the next call starts a new request (same as :meth:`new_request`)."""
+        self.new_request()
+
+    def new_request(self) -> None:
+        """The next call starts a new request, whatever its timestep (see the ONNX engine)."""
+        self.tracker.begin_request()
         self._slots.clear()
+
+    @staticmethod
+    def _row_timestep(value: Any) -> float | None:
+        flat = value.reshape(-1)
+        if not flat.numel():
+            return None
+        low, high = (float(v) for v in flat.aminmax())
+        if low != high:
+            raise ArtifactError(mixed_timesteps_message(low, high))
+        return low
 
     def __call__(self, **feeds: Any) -> dict[str, Any]:
         torch = self._torch
@@ -65,7 +80,7 @@ class TensorRTEngine:
                 raise ArtifactError(f"input '{spec['name']}' is {value.dtype}{list(value.shape)}, the artifact expects {spec['dtype']}{spec['shape']}")
             tensors[spec["name"]] = value.contiguous()
         timestep = self.manifest.get("timestep_input")
-        if self.tracker.advance(float(tensors[timestep].reshape(-1)[0]) if timestep else None):
+        if StepTracker.starts_fresh(self.tracker.advance(self._row_timestep(tensors[timestep]) if timestep else None)):
             self._slots.clear()
         slot = self.tracker.slot
         if slot not in self._slots:

@@ -95,12 +95,15 @@ class StepContext:
 
     ``step`` counts denoising steps from 0; ``slot`` is the call within a step (pipelines
     that run classifier-free guidance as two calls per step have slots 0 and 1);
-    ``timestep`` is the model's timestep input when it has one.
+    ``timestep`` is the model's timestep input when it has one; ``total_steps`` is the
+    number of steps the request will run when the runtime knows it (a pipeline call's
+    ``num_inference_steps``, or ``new_request(total_steps=...)``), else ``None``.
     """
 
     step: int
     slot: int = 0
     timestep: float | None = None
+    total_steps: int | None = None
 
 
 def span_label(regions: tuple[Region, ...] | list[Region]) -> str:

@@ -58,7 +58,7 @@ def _owns_trajectory(model: nn.Module) -> bool:
     """Whether ``model`` is compiled with a policy that needs the runtime to own the loop."""
     from adacache.runtime.module import CachedModule
 
-    return isinstance(model, CachedModule) and model.policy.owns_trajectory
+    return isinstance(model, CachedModule) and model.adacache.policy.owns_trajectory
 
 
 @torch.no_grad()
@@ -143,12 +143,17 @@ def sample(
             return eps_u + guidance_scale * (eps_c - eps_u)
         return out
 
+    from adacache.runtime.module import CachedModule
+
     if _owns_trajectory(model):
         # Z-Cache rewrites the trajectory: the runtime's loop runs the same steps.
         from adacache.runtime.sampling import sample as runtime_sample
 
         x = runtime_sample(model, sched, x, denoise, progress=progress)
     else:
+        if isinstance(model, CachedModule):
+            # One call of this function is one request: say so, rather than let the runtime infer it.
+            model.adacache.new_request(total_steps=len(sched.timesteps))
         steps = sched.timesteps
         if progress:
             from tqdm import tqdm

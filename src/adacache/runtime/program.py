@@ -32,6 +32,10 @@ class Program:
     blocks: list[Region]
     original: fx.GraphModule
     backend: str
+    #: What the graph assumed about the model (set by the runtime when it captures).
+    fingerprint: Any = field(default=None, repr=False)
+    #: The registration epoch at which the fingerprint was last found to match.
+    checked_epoch: int = field(default=-1, repr=False)
     _flops: dict[str, int] | None = field(default=None, repr=False)
 
     @property

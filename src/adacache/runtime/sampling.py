@@ -144,11 +144,11 @@ def sample(
         raise TypeError(f"adacache.sample expects a model returned by adacache.compile, got {type(model).__name__}")
     step_kwargs = dict(step_kwargs or {})
     timesteps = scheduler.timesteps if timesteps is None else timesteps
-    zcache = isinstance(model.policy, ZCache)
+    zcache = isinstance(model.adacache.policy, ZCache)
     if zcache:
         check_replayable(scheduler, step_kwargs)
-    model.reset()
-    session = model.current_session()
+    model.adacache.new_request(total_steps=len(timesteps))
+    session = model.adacache.current_session()
     x = latents
     anchor: _Anchor | None = None
     steps: Any = enumerate(timesteps)
@@ -161,7 +161,7 @@ def sample(
             out = denoise(model, x, t)
             full = zcache and _computed_everything(session, i)
             final = i == len(timesteps) - 1
-            if full and anchor is not None and i - anchor.step > 1 and (not final or model.policy.reflect_final_window):
+            if full and anchor is not None and i - anchor.step > 1 and (not final or model.adacache.policy.reflect_final_window):
                 x, out, sched = _reflect(model, session, anchor, i, timesteps, denoise, step_kwargs)
                 scheduler = _restore(scheduler, sched)
             x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
@@ -195,7 +195,7 @@ def _reflect(model: CachedModule, session: Session, anchor: _Anchor, t2: int, ti
     scheduler = copy.deepcopy(anchor.scheduler)
     x = anchor.latents.clone()
     for k in range(t1 + 1, t2):
-        w = reflection_weight(k, t1, t2, model.policy.weight)
+        w = reflection_weight(k, t1, t2, model.adacache.policy.weight)
         states = _forecast_states(session, anchor.states, new, k - t1, k - t2, w)
         out = denoise(_Replayer(model, session, states), x, timesteps[k])
         x = scheduler.step(out, timesteps[k], x, **step_kwargs, return_dict=False)[0]

@@ -1,22 +1,29 @@
 """A session: the per-request cache state, step counter and statistics.
 
-One session serves one generation at a time. It recognises the steps of a denoising
-loop from the model's timestep input:
+One session serves one request at a time. A request starts explicitly (each call of a
+compiled pipeline, ``with adacache.session(model):``, ``model.adacache.new_request()`` or
+``reset()``) or is inferred from the timestep input; the rules are
+:class:`adacache.stepping.StepTracker`'s, in short:
 
-* the same timestep again is the next *slot* of the same step (pipelines that run
-  classifier-free guidance as two calls per step); each slot keeps its own cache;
-* a timestep that goes back up, or a change of input signature that no slot has seen,
-  starts a new generation;
-* without a timestep input, each call is one step and ``reset()`` starts a new generation.
+* the same timestep again is the next *slot* of the same step (classifier-free guidance as
+  two calls, a Heun step's second call); each slot keeps its own cache;
+* a timestep that reverses the schedule's direction or jumps far beyond its spacing starts
+  a new request; the first change of timestep of an inferred request is ambiguous and
+  clears the caches (a bare loop computes its first two steps in full);
+* a change of input signature that a slot has not seen replaces that slot's cache.
 
-Sessions are not shared between threads: :class:`~adacache.runtime.module.CachedModule`
-gives each thread its own unless one is entered explicitly with ``adacache.session``.
+At every request start the model is compared with the fingerprint its program was captured
+from, and captured again if it changed (see :mod:`adacache.runtime.guards`).
+
+Sessions are not shared between threads: the runtime gives each thread its own unless one
+is entered explicitly with ``adacache.session``.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,11 +31,11 @@ import torch
 from ..capture import InputSignature
 from ..errors import SessionError
 from ..policies.base import StepContext
-from ..stepping import StepTracker
+from ..stepping import NEW_REQUEST, StepTracker
 from .stats import SessionStats, StepRecord
 
 if TYPE_CHECKING:
-    from .module import CachedModule
+    from .module import Runtime
     from .program import Program
 
 
@@ -45,10 +52,12 @@ class SlotState:
 class Session:
     """Per-request state of a compiled model. Create with ``adacache.session(model)``."""
 
-    owner: "CachedModule"
+    owner: "Runtime"
     stats: SessionStats = field(default_factory=SessionStats)
     tracker: StepTracker = field(default_factory=StepTracker)
     slots: dict[int, SlotState] = field(default_factory=dict)
+    #: Steps the current request will run, when known (a pipeline's num_inference_steps).
+    total_steps: "int | Callable[[], int | None] | None" = None
     _thread: int = field(default_factory=threading.get_ident)
 
     @property
@@ -62,19 +71,33 @@ class Session:
         return self.tracker.slot
 
     def reset(self) -> None:
-        """Forget every cache and start a new generation at the next call."""
+        """Forget every cache; the next call starts a new request."""
+        self.begin_request(None)
+
+    def begin_request(self, total_steps: "int | Callable[[], int | None] | None" = None) -> None:
+        """The next call starts a new request, whatever its timestep; ``total_steps`` is
+        how many steps it will run, when known (or a function that tells it at the first call,
+        once the pipeline has set its scheduler's timesteps)."""
         if self.tracker.step >= 0:
             self.stats.close_generation()
         self.slots.clear()
-        self.tracker.reset()
+        self.tracker.begin_request()
+        self.total_steps = total_steps
 
-    def _advance(self, timestep: float | None) -> None:
-        previous_generations = self.tracker.generations
-        if self.tracker.advance(timestep) and previous_generations:
-            # A new generation: nothing from the previous one may be reused.
-            self.stats.close_generation()
-            self.slots.clear()
+    def _advance(self, timestep: float | None) -> bool:
+        """Place this call in the request; True when it must start from empty caches."""
+        event = self.tracker.advance(timestep)
+        if event == NEW_REQUEST:
+            if not self.tracker.explicit:
+                self.total_steps = None  # an inferred request: its length is not known
+            if self.stats.records:
+                self.stats.close_generation()
         self.stats.generations = self.tracker.generations
+        self.stats.restarts = self.tracker.restarts
+        fresh = StepTracker.starts_fresh(event)
+        if fresh:
+            self.slots.clear()
+        return fresh
 
     # -- one call -----------------------------------------------------------------------
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -85,21 +108,23 @@ class Session:
                 "session each (enter `with adacache.session(model):` in each thread)"
             )
         owner = self.owner
-        program, signature = owner._program_for(args, kwargs, self.stats)
-        self._advance(owner._timestep_of(args, kwargs))
+        starts_fresh = self._advance(owner.timestep_of(args, kwargs))
+        program, signature = owner.program_for(args, kwargs, self.stats, check_model=starts_fresh)
         flat = program.captured.flatten_inputs(args, kwargs)
         device = _device_of(flat)
 
         slot = self.slots.get(self.slot)
-        if slot is None or slot.signature != signature:
+        if slot is None or slot.signature != signature or slot.program is not program:
             if slot is not None:
                 # Shapes changed mid-generation: a stale cache must never be reused.
                 self.stats.invalidations += 1
             slot = SlotState(signature, program, program.initial_state(device))
             self.slots[self.slot] = slot
 
-        ctx = StepContext(step=self.step, slot=self.slot, timestep=self.tracker.last_timestep)
-        controls = owner._controls(program, ctx, device)
+        if callable(self.total_steps):
+            self.total_steps = self.total_steps()
+        ctx = StepContext(step=self.step, slot=self.slot, timestep=self.tracker.last_timestep, total_steps=self.total_steps)
+        controls = owner.controls(program, ctx, device)
         outputs = program.graph_module(*flat, *controls, *slot.tensors)
         layout = program.layout
         n_user, n_state = layout.num_user_outputs, len(layout.states)
@@ -115,7 +140,7 @@ class Session:
         ``states`` follow ``program.layout.states`` for the program of these inputs.
         """
         owner = self.owner
-        program, _ = owner._program_for(args, kwargs, self.stats)
+        program, _ = owner.program_for(args, kwargs, self.stats, check_model=False)
         flat = program.captured.flatten_inputs(args, kwargs)
         device = _device_of(flat)
         controls = []
@@ -125,7 +150,7 @@ class Session:
             elif name == "forecast__update":
                 controls.append(torch.zeros(program.layout.forecast_order + 1, device=device))
             else:
-                controls.append(owner._flag(True, device))
+                controls.append(owner.flag(True, device))
         outputs = program.graph_module(*flat, *controls, *states)
         self.stats.replays += 1
         return program.captured.unflatten_outputs(outputs[: program.layout.num_user_outputs])

@@ -29,6 +29,8 @@ class SessionStats:
     captures: int = 0
     invalidations: int = 0
     replays: int = 0  # calls that only ran the non-block part (Z-Cache reflection)
+    restarts: int = 0  # ambiguous request boundaries where the caches were cleared
+    recaptures: list[str] = field(default_factory=list)  # why a program was captured again
     records: list[StepRecord] = field(default_factory=list)  # current / last generation
     _done: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # site -> [reused, calls]
     _nonfinite: int = 0

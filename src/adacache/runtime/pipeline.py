@@ -1,0 +1,102 @@
+"""Compiled diffusers pipelines: every denoiser cached, every pipeline call one request.
+
+``adacache.compile(pipe, policy)`` returns a shallow copy of the pipeline (the same
+components, so weights and LoRA are shared with ``pipe``) whose transformer denoisers are
+compiled models and whose class is a subclass of the pipeline's own, with one change:
+each call runs inside a fresh session of every compiled denoiser, so a request never sees
+another request's cache and policies know how many steps it will run. The pipeline passed
+in is left as it was, as with a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ..errors import NotEligibleError
+from .module import CachedModule, Runtime, compiled_view, plain_model
+
+#: Pipeline components that are denoisers adacache caches (Wan 2.2 has two).
+DENOISER_NAMES = ("transformer", "transformer_2")
+
+
+def is_pipeline(obj: Any) -> bool:
+    """Whether ``obj`` is a diffusers pipeline (without importing diffusers when it is absent)."""
+    return any(cls.__name__ == "DiffusionPipeline" for cls in type(obj).__mro__) and hasattr(obj, "components")
+
+
+def _denoisers(pipe: Any) -> list[str]:
+    return [name for name in DENOISER_NAMES if isinstance(getattr(pipe, name, None), nn.Module)]
+
+
+def compile_pipeline(pipe: Any, make_runtime: Callable[[nn.Module], Runtime]) -> Any:
+    """A copy of ``pipe`` with each denoiser compiled by ``make_runtime`` and per-call requests."""
+    names = _denoisers(pipe)
+    if not names:
+        raise NotEligibleError(
+            f"{type(pipe).__name__} has no transformer denoiser (looked for {', '.join(DENOISER_NAMES)}); "
+            "adacache caches diffusion transformers. Compile the denoiser module itself with adacache.compile(module, ...)"
+        )
+    for name in names:
+        if isinstance(getattr(pipe, name), CachedModule):
+            raise TypeError(
+                f"{type(pipe).__name__}.{name} is already compiled by adacache; compile the plain pipeline "
+                "(adacache.uncompile(pipe)) or keep the compiled component as it is"
+            )
+    compiled = copy.copy(pipe)
+    for name in names:
+        module = getattr(pipe, name)
+        setattr(compiled, name, compiled_view(module, make_runtime(module)))
+    compiled.__class__ = _request_per_call_class(_plain_pipeline_class(type(pipe)))
+    return compiled
+
+
+def uncompile_pipeline(pipe: Any) -> Any:
+    """A copy of ``pipe`` with plain denoisers and the pipeline's own class."""
+    plain = copy.copy(pipe)
+    plain.__class__ = _plain_pipeline_class(type(pipe))
+    for name in DENOISER_NAMES:
+        module = getattr(pipe, name, None)
+        if isinstance(module, CachedModule):
+            setattr(plain, name, plain_model(module))
+    return plain
+
+
+def _plain_pipeline_class(cls: type) -> type:
+    return getattr(cls, "_adacache_pipeline_base", cls)
+
+
+def steps_of(scheduler: Any) -> int | None:
+    """How many distinct timesteps the scheduler will run from where the pipeline starts
+    (img2img pipelines start part-way, second-order schedulers repeat timesteps)."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    start = getattr(scheduler, "begin_index", None) or 0
+    values = [float(t) for t in list(timesteps)[start:]]
+    return sum(1 for i, t in enumerate(values) if i == 0 or t != values[i - 1]) or None
+
+
+@functools.lru_cache(maxsize=None)
+def _request_per_call_class(base: type) -> type:
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        scheduler = getattr(self, "scheduler", None)
+        total_steps = (lambda: steps_of(scheduler)) if scheduler is not None else None
+        with contextlib.ExitStack() as stack:
+            for name in DENOISER_NAMES:
+                module = getattr(self, name, None)
+                if isinstance(module, CachedModule):
+                    stack.enter_context(type(module).adacache.session(total_steps=total_steps))
+            return base.__call__(self, *args, **kwargs)
+
+    functools.update_wrapper(__call__, base.__call__)
+    return type(
+        base.__name__,
+        (base,),
+        {"__call__": __call__, "_adacache_pipeline_base": base, "__module__": base.__module__, "__qualname__": base.__qualname__},
+    )
