@@ -3,10 +3,98 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
 import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 MODELS = ("reference", "dit-s", "dit-b", "tiny", "diffusers-dit-s", "diffusers-dit-b")
+#: The largest --batch the command line builds example inputs for: far above any CFG batch one
+#: would export, and below the sizes where building the inputs alone exhausts memory.
+MAX_BATCH = 1024
+
+
+# -- argument types: each value is checked when parsed, so a bad one is a usage error (exit 2)
+# -- before any model is loaded, not a traceback after minutes of work.
+
+def int_in(minimum: int, maximum: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An argparse ``type`` for an integer in ``[minimum, maximum]``; ``why`` explains the bound."""
+
+    def parse(text: str) -> int:
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}{why}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(minimum: float | None = None, why: str = "") -> Callable[[str], float]:
+    """An argparse ``type`` for a finite float ``>= minimum``; NaN and infinity are refused."""
+
+    def parse(text: str) -> float:
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number{bound}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number{bound}, got {text!r}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number{bound}{why}, got {value:g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def policy_expression(text: str) -> str:
+    """An argparse ``type``: ``text`` if it parses as a policy (the text is kept, parsed again when used)."""
+    from adacache.errors import PolicyError
+    from adacache.policies.parse import parse_policy
+
+    try:
+        parse_policy(text)
+    except PolicyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def output_folder(text: str) -> str:
+    """An argparse ``type``: a folder that exists or can be created, and can be written to.
+
+    Checked up front because the folder is written last, after the work it records.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder path, got an empty string")
+    path = Path(text)
+    try:
+        if path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} exists and is not a folder; name a folder to write into")
+        existing = path
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise argparse.ArgumentTypeError(f"cannot create the folder {text}: {existing} is not a folder")
+        # Try it rather than ask os.access, which answers yes to root even where a write fails
+        # (read-only mounts, /proc); the probe folder is removed at once.
+        try:
+            with tempfile.TemporaryDirectory(dir=existing, prefix=".adacache-write-check-"):
+                pass
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot write to {existing} ({exc.strerror}); choose a folder you can write to") from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot use {text} as the output folder: {exc}") from None
+    return text
 
 
 def load_named_model(name: str, batch: int = 2) -> tuple[Any, tuple[tuple[Any, ...], dict[str, Any]]]:
@@ -45,6 +133,16 @@ def load_named_model(name: str, batch: int = 2) -> tuple[Any, tuple[tuple[Any, .
     return model, ((), {"x": x, "timestep": torch.full((batch,), 999.0), "class_labels": torch.arange(batch) % 10})
 
 
+def _check_export(args: argparse.Namespace) -> str | None:
+    """What the export needs installed, found before the model is loaded and compiled."""
+    needs = ["onnx", "onnxscript"] + (["tensorrt"] if args.format == "tensorrt" else [])
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if missing:
+        extra = "gpu" if "tensorrt" in missing else "onnx"
+        return f"--format {args.format} needs {', '.join(missing)}: pip install 'adacache[{extra}]'"
+    return None
+
+
 def _export(args: argparse.Namespace) -> int:
     import adacache
     from adacache.policies.parse import parse_policy
@@ -72,18 +170,18 @@ def main(argv: list[str] | None = None) -> int:
 
     exp = sub.add_parser("export", help="export a cached model as an ONNX or TensorRT artifact")
     exp.add_argument("--model", choices=MODELS, default="reference")
-    exp.add_argument("--policy", default="FORA(interval=3)")
+    exp.add_argument("--policy", type=policy_expression, default="FORA(interval=3)")
     exp.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
     exp.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16")
-    exp.add_argument("--batch", type=int, default=2, help="batch size the artifact serves (2 = one CFG pair)")
-    exp.add_argument("--out", required=True)
-    exp.set_defaults(func=_export)
+    exp.add_argument("--batch", type=int_in(1, MAX_BATCH), default=2, help="batch size the artifact serves (2 = one CFG pair)")
+    exp.add_argument("--out", type=output_folder, required=True)
+    exp.set_defaults(func=_export, check=_check_export, parser=exp)
 
     ex = sub.add_parser("explain", help="print the blocks, cache sites and graph diff for a model and policy")
     ex.add_argument("--model", choices=MODELS, default="reference")
-    ex.add_argument("--policy", default="FORA(interval=3)")
-    ex.add_argument("--batch", type=int, default=2)
-    ex.set_defaults(func=_explain)
+    ex.add_argument("--policy", type=policy_expression, default="FORA(interval=3)")
+    ex.add_argument("--batch", type=int_in(1, MAX_BATCH), default=2)
+    ex.set_defaults(func=_explain, parser=ex)
 
     try:
         from adacache.bench.cli import add_bench_parser
@@ -93,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         add_bench_parser(sub)
 
     args = parser.parse_args(argv)
+    # Checks that involve several arguments or the installation: still usage errors, still up front.
+    check = getattr(args, "check", None)
+    problem = check(args) if check is not None else None
+    if problem:
+        getattr(args, "parser", parser).error(problem)
     try:
         return int(args.func(args) or 0)
     except Exception as exc:  # noqa: BLE001 - the CLI prints adacache's own errors plainly

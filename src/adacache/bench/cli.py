@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 from typing import Any
+
+from adacache.cli import MODELS, finite_float, int_in, output_folder
 
 QUICK_POLICIES = ("NoCache()", "FORA(interval=3)", "FirstBlockCache(0.08)")
 FULL_POLICIES = (
@@ -44,6 +48,30 @@ FULL_POLICIES = (
 )
 
 
+#: Models the speed track can time: it drives adacache's own DiT (``x=`` inputs) directly.
+SPEED_MODELS = ("dit-s", "dit-b", "tiny")
+
+
+def _reference_train_steps() -> int | None:
+    """The reference DDIM scheduler's training timesteps, the most sampling steps it can take."""
+    config = Path(__file__).resolve().parent.parent / "reference" / "assets" / "dit" / "scheduler_config.json"
+    try:
+        return int(json.loads(config.read_text())["num_train_timesteps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no bound here; loading the reference model reports the missing assets
+
+
+def bench_policy_expression(text: str) -> str:
+    """An argparse ``type``: ``text`` if :func:`parse_bench_policy` accepts it."""
+    from adacache.errors import PolicyError
+
+    try:
+        parse_bench_policy(text)
+    except PolicyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_bench_parser(sub: Any) -> None:
     """Register ``adacache bench`` on the main parser."""
     p = sub.add_parser(
@@ -56,31 +84,42 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--quick", action="store_true", help="3 policies, 20 samples, CFG 4.0 only, no speed track")
     p.add_argument("--anchors", action="store_true", help="also run diffusers' cache hooks and cache-dit on the same weights")
-    p.add_argument("--policies", nargs="*", help="policy expressions, or calibrated(<policy>) to fit TeaCache / AdaCorrection "
+    p.add_argument("--policies", nargs="*", type=bench_policy_expression,
+                   help="policy expressions, or calibrated(<policy>) to fit TeaCache / AdaCorrection "
                    "on the bench's sampler first (default: the built-in matrix)")
-    p.add_argument("--samples", type=int, help="images scored per setting (default 200, quick 20)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, nargs="*", help="CFG scales (default 4.0 1.5, quick 4.0)")
-    p.add_argument("--repeats", type=int, help="timing repeats; the speedup is the median of paired ratios, each run against a full-computation run just before it (default 3, quick 2)")
-    p.add_argument("--speed-models", nargs="*", default=None, help="speed-track models (default dit-s dit-b; none with --quick)")
+    # FD-digits needs a covariance of the samples' features, so at least two samples.
+    p.add_argument("--samples", type=int_in(2, why=" (FD-digits needs at least 2)"), help="images scored per setting (default 200, quick 20)")
+    max_steps = _reference_train_steps()
+    p.add_argument("--steps", type=int_in(1, max_steps, why=" (the reference DDIM scheduler's training timesteps)" if max_steps else ""),
+                   default=50)
+    p.add_argument("--guidance", type=finite_float(0.0, why=" (1 = no guidance)"), nargs="*", help="CFG scales (default 4.0 1.5, quick 4.0)")
+    p.add_argument("--repeats", type=int_in(1), help="timing repeats; the speedup is the median of paired ratios, each run against a full-computation run just before it (default 3, quick 2)")
+    p.add_argument("--speed-models", nargs="*", choices=SPEED_MODELS, default=None,
+                   help="speed-track models (default dit-s dit-b; none with --quick)")
     p.add_argument("--overhead", action="store_true",
                    help="per-step cost of caching that skips nothing, adacache and each anchor, on diffusers DiT-S/2 and DiT-B/2 (on by default with --anchors unless --quick)")
-    p.add_argument("--overhead-models", nargs="*", default=["diffusers-dit-s", "diffusers-dit-b"])
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--out", default="bench-out")
+    p.add_argument("--overhead-models", nargs="*", choices=MODELS, default=["diffusers-dit-s", "diffusers-dit-b"])
+    p.add_argument("--threads", type=int_in(1), default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--out", type=output_folder, default="bench-out")
     p.set_defaults(func=run_bench)
 
 
 def parse_bench_policy(text: str) -> Any:
     """A policy expression, or ``calibrated(<policy>)``: fitted with ``adacache.calibrate`` on the
     bench's sampler at each guidance scale, on seeds disjoint from the scored ones."""
+    from adacache.errors import PolicyError
+    from adacache.policies import AdaCorrection, TeaCache
     from adacache.policies.parse import parse_policy
 
     from .tracks import Calibrated
 
     stripped = text.strip()
     if stripped.startswith("calibrated(") and stripped.endswith(")"):
-        return Calibrated(parse_policy(stripped[len("calibrated("):-1]))
+        policy = parse_policy(stripped[len("calibrated("):-1])
+        # Refused here, not when the quality track reaches it after calibrating the others.
+        if not isinstance(policy, (TeaCache, AdaCorrection)):
+            raise PolicyError(f"calibrated({policy.describe()}): only TeaCache and AdaCorrection have parameters to fit")
+        return Calibrated(policy)
     return parse_policy(stripped)
 
 
@@ -88,18 +127,19 @@ def run_bench(args: argparse.Namespace) -> int:
     from . import report, tracks
     from .runner import machine_info
 
-    if args.threads:
+    if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     policies = [(text, parse_bench_policy(text)) for text in (args.policies or (QUICK_POLICIES if args.quick else FULL_POLICIES))]
     settings = tracks.QualitySettings(
-        samples=args.samples or (20 if args.quick else 200),
-        timing_samples=min(20, args.samples or 20),
+        # `is None`, not `or`: a given value is used as given (the parser refuses 0).
+        samples=args.samples if args.samples is not None else (20 if args.quick else 200),
+        timing_samples=min(20, args.samples if args.samples is not None else 20),
         steps=args.steps,
         guidance=tuple(args.guidance or ((4.0,) if args.quick else (4.0, 1.5))),
-        repeats=args.repeats or (2 if args.quick else 3),
+        repeats=args.repeats if args.repeats is not None else (2 if args.quick else 3),
     )
     extra = []
     if args.anchors:

@@ -44,7 +44,16 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{path} was written with artifact format version {manifest['format_version']}, this adacache reads "
             f"version {FORMAT_VERSION}; re-export it with this version of adacache"
         )
+    if not isinstance(manifest["model_file"], str) or not manifest["model_file"]:
+        raise ArtifactError(f"{path}: model_file must be a file name inside the artifact folder, got {manifest['model_file']!r}")
     model_file = root / manifest["model_file"]
+    # Resolved (links followed) before the check: an artifact only ever names its own files,
+    # so a manifest pointing elsewhere (``..``, an absolute path, a link out) is refused.
+    if not model_file.resolve().is_relative_to(root.resolve()):
+        raise ArtifactError(
+            f"{path}: model_file {manifest['model_file']!r} lies outside the artifact folder {root}; "
+            "an artifact must hold its own model file (re-export it)"
+        )
     if not model_file.is_file():
         raise ArtifactError(f"{path} names model file {manifest['model_file']!r}, which is missing from {root}")
     return manifest

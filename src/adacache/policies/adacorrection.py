@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from ..errors import PolicyError
 from ..passes.regions import Region
+from ..validate import policy_number
 from .base import OffsetRule, Policy, SitePlan, check, policy_dataclass, span_label
 from .first_block import FirstBlockCache
 from .static import NoCache
@@ -69,18 +70,20 @@ class AdaCorrection(Policy):
         check(isinstance(self.base, Policy) and not isinstance(self.base, AdaCorrection), name, f"base must be a policy other than AdaCorrection, got {self.base!r}")
         check(not isinstance(self.base, NoCache), name, "base=NoCache() keeps no cache to reuse; for AdaCorrection's own "
               "decisions alone use base=FORA(interval=1) (caches every step, proposes no reuse) with accept > 0")
-        check(isinstance(self.gamma, (int, float)) and self.gamma > 0, name, f"gamma must be > 0, got {self.gamma!r}")
-        check(isinstance(self.lam, (int, float)) and self.lam >= 0, name, f"lam must be >= 0, got {self.lam!r}")
+        object.__setattr__(self, "gamma", policy_number(name, "gamma", self.gamma, minimum=0, exclusive_minimum=True))
+        object.__setattr__(self, "lam", policy_number(name, "lam", self.lam, minimum=0))
         check(self.score in ("temporal", "paper"), name, f"score must be 'temporal' or 'paper', got {self.score!r}")
-        check(isinstance(self.accept, (int, float)) and 0 <= self.accept <= 1, name, f"accept must be in [0, 1], got {self.accept!r}")
-        check(isinstance(self.veto, (int, float)) and 0 < self.veto <= 1, name, f"veto must be in (0, 1], got {self.veto!r}")
+        object.__setattr__(self, "accept", policy_number(name, "accept", self.accept, minimum=0, maximum=1))
+        object.__setattr__(self, "veto", policy_number(name, "veto", self.veto, minimum=0, maximum=1, exclusive_minimum=True))
         check(self.accept <= self.veto, name, f"accept ({self.accept}) must not exceed veto ({self.veto})")
         check(isinstance(self.band, bool), name, f"band must be a bool, got {self.band!r}")
         check(
-            isinstance(self.scales, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in self.scales.items()),
+            isinstance(self.scales, dict) and all(isinstance(k, str) for k in self.scales),
             name, f"scales must map module names to positive numbers (see adacache.calibrate), got {self.scales!r}",
         )
-        object.__setattr__(self, "scales", {k: float(v) for k, v in self.scales.items()})
+        object.__setattr__(self, "scales", {
+            k: policy_number(name, f"scales[{k!r}]", v, minimum=0, exclusive_minimum=True) for k, v in self.scales.items()
+        })
         check(self.reuse in ("residual", "base"), name, f"reuse must be 'residual' or 'base', got {self.reuse!r}")
         check(self.unit in ("block", "span"), name, f"unit must be 'block' or 'span', got {self.unit!r}")
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..errors import PolicyError
 from ..passes.regions import Region
+from ..validate import policy_number
 from .base import Policy, ReuseForm, SitePlan, check, policy_dataclass, span_label
 
 
@@ -36,10 +37,10 @@ class FirstBlockCache(Policy):
 
     def __post_init__(self) -> None:
         name = "FirstBlockCache"
-        check(isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 10, name, f"threshold must be in (0, 10], got {self.threshold!r}")
-        check(isinstance(self.probe_blocks, int) and self.probe_blocks >= 1, name, f"probe_blocks must be an int >= 1, got {self.probe_blocks!r}")
-        check(isinstance(self.tail_blocks, int) and self.tail_blocks >= 0, name, f"tail_blocks must be an int >= 0, got {self.tail_blocks!r}")
-        check(isinstance(self.warmup, int) and self.warmup >= 0, name, f"warmup must be an int >= 0, got {self.warmup!r}")
+        object.__setattr__(self, "threshold", policy_number(name, "threshold", self.threshold, minimum=0, maximum=10, exclusive_minimum=True))
+        object.__setattr__(self, "probe_blocks", policy_number(name, "probe_blocks", self.probe_blocks, integer=True, minimum=1))
+        object.__setattr__(self, "tail_blocks", policy_number(name, "tail_blocks", self.tail_blocks, integer=True, minimum=0))
+        object.__setattr__(self, "warmup", policy_number(name, "warmup", self.warmup, integer=True, minimum=0))
         check(self.reuse in ("residual", "output"), name, f"reuse must be 'residual' or 'output', got {self.reuse!r}")
 
     def plan(self, blocks: list[Region]) -> list[SitePlan]:

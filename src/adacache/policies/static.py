@@ -7,6 +7,7 @@ from typing import Any
 
 from ..passes.regions import Region
 from ..stepping import allow_reuse
+from ..validate import policy_number
 from .base import Granularity, Policy, ReuseForm, SitePlan, check, policy_dataclass
 
 
@@ -63,8 +64,9 @@ class FORA(Policy):
     reuse: ReuseForm | None = None
 
     def __post_init__(self) -> None:
-        check(isinstance(self.interval, int) and self.interval >= 1, "FORA", f"interval must be an int >= 1, got {self.interval!r}")
-        check(isinstance(self.warmup, int) and self.warmup >= 0, "FORA", f"warmup must be an int >= 0, got {self.warmup!r}")
+        # Stored as Python ints: a numpy / torch integer would otherwise reach the schedule and the manifest.
+        object.__setattr__(self, "interval", policy_number("FORA", "interval", self.interval, integer=True, minimum=1))
+        object.__setattr__(self, "warmup", policy_number("FORA", "warmup", self.warmup, integer=True, minimum=0))
         check(self.granularity in ("block", "module"), "FORA", f"granularity must be 'block' or 'module', got {self.granularity!r}")
         check(self.reuse in (None, "residual", "output"), "FORA", f"reuse must be 'residual' or 'output', got {self.reuse!r}")
         check(

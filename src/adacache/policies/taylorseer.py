@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..passes.regions import Region
+from ..validate import policy_number
 from .base import Granularity, Policy, ReuseForm, SitePlan, check, policy_dataclass
 
 
@@ -35,9 +36,9 @@ class TaylorSeer(Policy):
 
     def __post_init__(self) -> None:
         name = "TaylorSeer"
-        check(isinstance(self.order, int) and 0 <= self.order <= 4, name, f"order must be an int in [0, 4], got {self.order!r}")
-        check(isinstance(self.interval, int) and self.interval >= 1, name, f"interval must be an int >= 1, got {self.interval!r}")
-        check(isinstance(self.warmup, int) and self.warmup >= 0, name, f"warmup must be an int >= 0, got {self.warmup!r}")
+        object.__setattr__(self, "order", policy_number(name, "order", self.order, integer=True, minimum=0, maximum=4))
+        object.__setattr__(self, "interval", policy_number(name, "interval", self.interval, integer=True, minimum=1))
+        object.__setattr__(self, "warmup", policy_number(name, "warmup", self.warmup, integer=True, minimum=0))
         check(self.granularity in ("block", "module"), name, f"granularity must be 'block' or 'module', got {self.granularity!r}")
         check(self.reuse in (None, "residual", "output"), name, f"reuse must be 'residual' or 'output', got {self.reuse!r}")
         check(not (self.granularity == "module" and self.reuse == "residual"), name, "module outputs have no residual form; use reuse='output'")

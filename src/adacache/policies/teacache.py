@@ -6,7 +6,8 @@ from typing import Any
 
 from ..errors import PolicyError
 from ..passes.regions import Region
-from .base import Policy, SitePlan, check, policy_dataclass, span_label
+from ..validate import policy_number, policy_numbers
+from .base import Policy, SitePlan, policy_dataclass, span_label
 
 
 @policy_dataclass
@@ -33,14 +34,11 @@ class TeaCache(Policy):
 
     def __post_init__(self) -> None:
         name = "TeaCache"
-        check(isinstance(self.threshold, (int, float)) and self.threshold > 0, name, f"threshold must be > 0, got {self.threshold!r}")
-        check(
-            isinstance(self.coefficients, (tuple, list)) and len(self.coefficients) >= 1
-            and all(isinstance(c, (int, float)) for c in self.coefficients),
-            name, f"coefficients must be a non-empty sequence of numbers, got {self.coefficients!r}",
-        )
-        object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
-        check(isinstance(self.warmup, int) and self.warmup >= 0, name, f"warmup must be an int >= 0, got {self.warmup!r}")
+        object.__setattr__(self, "threshold", policy_number(name, "threshold", self.threshold, minimum=0, exclusive_minimum=True))
+        # A NaN coefficient makes every rescaled change NaN, which never crosses the threshold
+        # comparison the right way: refused here rather than silently never reusing.
+        object.__setattr__(self, "coefficients", policy_numbers(name, "coefficients", self.coefficients))
+        object.__setattr__(self, "warmup", policy_number(name, "warmup", self.warmup, integer=True, minimum=0))
 
     @property
     def calibrated(self) -> bool:

@@ -1,0 +1,235 @@
+"""Bad input and misuse: never a silent wrong result, and a clear adacache error for everything else.
+
+One test per case of the issue; each failed on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+import adacache
+from adacache.cli import main
+from adacache.deploy import read_manifest
+from adacache.errors import AdaCacheError, ArtifactError, PolicyError
+from adacache.policies.parse import parse_policy
+from families import FAMILIES
+
+T0 = torch.tensor(950.0)
+
+
+class _Ran(Exception):
+    """Raised by the stand-ins for the command's real work: the command ran instead of refusing."""
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any real work of the command line fail fast, so a bad value that is not refused up
+    front shows up as this exception (or as the raw error it causes) instead of a long run."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise _Ran("the command started its work instead of refusing its arguments")
+
+    monkeypatch.setattr("adacache.cli.load_named_model", refuse)
+    for name in ("quality_track", "speed_track", "overhead_track"):
+        monkeypatch.setattr(f"adacache.bench.tracks.{name}", refuse)
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the command line; check it exits 2 with a usage message; return stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: adacache" in err and "Traceback" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    path = tmp_path_factory.mktemp("misuse") / "fora"
+    adacache.export(adacache.compile(model, adacache.FORA(interval=3)), path, example_inputs=((), inputs(T0)))
+    return path
+
+
+def _copy(artifact: Path, to: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    shutil.copytree(artifact, to)
+    if edit is not None:
+        manifest = json.loads((to / "manifest.json").read_text())
+        edit(manifest)
+        (to / "manifest.json").write_text(json.dumps(manifest))
+    return to
+
+
+# -- 1. *args / **kwargs in a policy expression -------------------------------------------
+
+def test_policy_expression_star_arguments_and_repeated_keywords_are_refused(no_work, capsys):
+    for text, why in [
+        ("FORA(**{'interval': 7})", r"\*\*"),
+        ("FORA(*[7])", r"\*"),
+        ("AdaCorrection(base=FORA(**{'interval': 7}))", r"\*\*"),
+        ("FORA(interval=3, interval=7)", "interval.*more than once"),
+        ("FORA(3, interval=7)", "interval"),
+    ]:
+        with pytest.raises(PolicyError, match=why):
+            parse_policy(text)
+    err = _refused(["explain", "--model", "tiny", "--policy", "FORA(**{'interval': 7})"], capsys)
+    assert "argument --policy" in err and "**" in err
+
+
+# -- 2. non-finite and non-number policy parameters -----------------------------------------
+
+def test_policy_numbers_must_be_finite_real_scalars():
+    nan, inf = math.nan, math.inf
+    for build, field in [
+        (lambda: adacache.TeaCache(coefficients=(nan,)), "coefficients"),
+        (lambda: adacache.TeaCache(coefficients=(1.0, inf)), "coefficients"),
+        (lambda: adacache.TeaCache(threshold=inf), "threshold"),
+        (lambda: adacache.FirstBlockCache(nan), "threshold"),
+        (lambda: adacache.AdaCorrection(gamma=inf), "gamma"),
+        (lambda: adacache.AdaCorrection(lam=inf), "lam"),
+        (lambda: adacache.AdaCorrection(veto=nan), "veto"),
+        (lambda: adacache.AdaCorrection(scales={"blocks.0": inf}), "scales"),
+    ]:
+        with pytest.raises(PolicyError, match=f"{field}.*finite"):
+            build()
+    # Not a number at all, or not a single one: the message is about the type, not a range.
+    for build, field, kind in [
+        (lambda: adacache.FirstBlockCache(torch.tensor([0.1, 0.2])), "threshold", "Tensor"),
+        (lambda: adacache.FirstBlockCache("0.1"), "threshold", "str"),
+        (lambda: adacache.FORA(interval=True), "interval", "bool"),
+        (lambda: adacache.FORA(interval=3.0), "interval", "float"),
+        (lambda: adacache.TaylorSeer(order=np.float32(1)), "order", "float32"),
+        (lambda: adacache.TeaCache(coefficients=("1",)), "coefficients", "str"),
+    ]:
+        with pytest.raises(PolicyError, match=rf"{field}(\[\d+\])? must be an? (int|number).*{kind}") as info:
+            build()
+        assert "got" in str(info.value) and " in (" not in str(info.value) and ">=" not in str(info.value)
+    # numpy scalars and 0-d tensors are numbers: converted, so the policy equals (and hashes,
+    # and serialises) as the one built from Python numbers.
+    assert adacache.FirstBlockCache(np.float32(0.25)) == adacache.FirstBlockCache(0.25)
+    assert adacache.FirstBlockCache(torch.tensor(0.25)) == adacache.FirstBlockCache(0.25)
+    fora = adacache.FORA(interval=np.int64(4), warmup=torch.tensor(1))
+    assert fora == adacache.FORA(interval=4, warmup=1) and type(fora.interval) is int
+    tea = adacache.TeaCache(np.float64(0.1), coefficients=np.array([2.0, 0.5]))
+    assert tea == adacache.TeaCache(0.1, coefficients=(2.0, 0.5))
+    ada = adacache.AdaCorrection(veto=np.float32(0.5), scales={"blocks.0": np.float32(2.0)})
+    json.dumps(ada.to_dict())
+    json.dumps(tea.to_dict())
+
+
+# -- 3. model_file outside the artifact folder -------------------------------------------
+
+def test_manifest_model_file_outside_the_artifact_is_refused(artifact, tmp_path):
+    other = _copy(artifact, tmp_path / "other")
+    outside = str((other / "model.onnx").resolve())
+    cases = {
+        "relative": lambda m: m.update(model_file="../other/model.onnx"),
+        "absolute": lambda m: m.update(model_file=outside),
+    }
+    for name, edit in cases.items():
+        with pytest.raises(ArtifactError, match="model_file.*outside"):
+            adacache.load(_copy(artifact, tmp_path / name, edit), provider="cpu")
+    linked = _copy(artifact, tmp_path / "linked")
+    (linked / "model.onnx").unlink()
+    (linked / "model.onnx").symlink_to(outside)
+    with pytest.raises(ArtifactError, match="model_file.*outside"):
+        adacache.load(linked, provider="cpu")
+    inner = _copy(artifact, tmp_path / "inner")  # a link that stays inside the folder is fine
+    (inner / "model.onnx").rename(inner / "real.onnx")
+    (inner / "model.onnx").symlink_to("real.onnx")
+    adacache.load(inner, provider="cpu")
+
+
+# -- 4. bench --samples 0 / --repeats 0 ----------------------------------------------------
+
+def test_bench_zero_samples_or_repeats_are_refused(no_work, capsys, tmp_path):
+    for flag in ("--samples", "--repeats"):
+        err = _refused(["bench", "--quick", flag, "0", "--out", str(tmp_path / "b")], capsys)
+        assert f"argument {flag}" in err
+
+
+# -- 5. the command line validates every argument up front -------------------------------
+
+BAD_ARGUMENTS = [
+    (["explain", "--policy", "3"], "--policy"),
+    (["explain", "--policy", "Nope()"], "--policy"),
+    (["explain", "--policy", "FORA(interval=0)"], "--policy"),
+    (["explain", "--batch", "-1"], "--batch"),
+    (["explain", "--batch", "0"], "--batch"),
+    (["explain", "--batch", "two"], "--batch"),
+    (["export", "--batch", "0", "--out", "{tmp}/a"], "--batch"),
+    (["export", "--policy", "FORA(interval=-1)", "--out", "{tmp}/a"], "--policy"),
+    (["export", "--out", "{tmp}/file"], "--out"),
+    (["export", "--out", "{tmp}/file/below"], "--out"),
+    (["bench", "--steps", "0"], "--steps"),
+    (["bench", "--steps", "5000"], "--steps"),
+    (["bench", "--threads", "-1"], "--threads"),
+    (["bench", "--threads", "0"], "--threads"),
+    (["bench", "--samples", "1"], "--samples"),
+    (["bench", "--samples", "-3"], "--samples"),
+    (["bench", "--repeats", "-1"], "--repeats"),
+    (["bench", "--guidance", "nan"], "--guidance"),
+    (["bench", "--guidance", "4.0", "inf"], "--guidance"),
+    (["bench", "--guidance", "-1"], "--guidance"),
+    (["bench", "--policies", "FORA(interval=3)", "Nope()"], "--policies"),
+    (["bench", "--policies", "calibrated(FORA(interval=0))"], "--policies"),
+    (["bench", "--speed-models", "dit-x"], "--speed-models"),
+    (["bench", "--speed-models", "reference"], "--speed-models"),
+    (["bench", "--overhead", "--overhead-models", "nope"], "--overhead-models"),
+    (["bench", "--out", "{tmp}/file"], "--out"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_command_line_refuses_bad_values_up_front(argv, flag, no_work, capsys, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    err = _refused(argv, capsys)
+    assert f"argument {flag}" in err, err
+
+
+@pytest.mark.skipif(find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_command_line_export_to_tensorrt_without_tensorrt_is_refused_up_front(no_work, capsys, tmp_path):
+    err = _refused(["export", "--format", "tensorrt", "--out", str(tmp_path / "e")], capsys)
+    assert "tensorrt" in err
+
+
+# -- 6. a corrupt model file ---------------------------------------------------------------
+
+def test_corrupt_model_file_is_an_artifact_error(artifact, tmp_path):
+    data = (artifact / "model.onnx").read_bytes()
+    for name, content in [
+        ("empty", b""),
+        ("truncated", data[: len(data) // 2]),
+        ("random", np.random.default_rng(0).bytes(4096)),
+    ]:
+        broken = _copy(artifact, tmp_path / name)
+        (broken / "model.onnx").write_bytes(content)
+        with pytest.raises(ArtifactError, match="model.onnx"):
+            adacache.load(broken, provider="cpu")
+
+
+# -- 8. example_inputs of the wrong form ----------------------------------------------------
+
+def test_example_inputs_of_the_wrong_form_get_a_clear_error():
+    from adacache.validate import check_example_inputs
+
+    x = torch.zeros(2)
+    for bad in [{"x": x}, (x, {}), ((x,),), ((), {}, {}), ((), {"x": x}.items()), ((), {1: x}), None, x]:
+        with pytest.raises(TypeError, match=re.escape("(args, kwargs)")) as info:
+            check_example_inputs(bad)
+        assert isinstance(info.value, AdaCacheError)
+    args, kwargs = check_example_inputs(([x], {"t": x}))
+    assert args == (x,) and type(args) is tuple and kwargs == {"t": x} and type(kwargs) is dict
+    assert check_example_inputs(((), {})) == ((), {})
