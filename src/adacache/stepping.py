@@ -71,8 +71,9 @@ class StepTracker:
       is reused. A bare denoising loop therefore computes its first two steps in full; an
       explicit request computes only the first.
 
-    In an explicit request nothing is inferred: a change against the direction restarts
-    (the caches are cleared, the request goes on) and jumps are trusted.
+    In an explicit request jumps are trusted (a schedule may be irregular), but a change
+    against the direction still starts a new, inferred request; a request that announced its
+    length (``total_steps``) ends after its last step.
 
     Without a timestep (``None``), each call is one step; only explicit boundaries and the
     first call start a request.
@@ -114,7 +115,8 @@ class StepTracker:
                 return self._next(timestep)
             return self._restart(timestep)  # a one-step or cancelled request before this call?
         if _sign(change) != self.direction:
-            return self._restart(timestep) if self.explicit else self._start(timestep)
+            # Even in an explicit request: a caller who marks one request may not mark the next.
+            return self._start(timestep)
         if not self.explicit and gap > MAX_GAP_GROWTH * self.last_gap:
             return self._start(timestep)
         self.last_gap = gap

@@ -86,7 +86,11 @@ class Session:
 
     def _advance(self, timestep: float | None) -> bool:
         """Place this call in the request; True when it must start from empty caches."""
-        event = self.tracker.advance(timestep)
+        tracker = self.tracker
+        if (tracker.explicit and isinstance(self.total_steps, int) and tracker.step >= self.total_steps - 1
+                and timestep != tracker.last_timestep):
+            tracker.reset()  # the request ran all the steps it announced: this call is another's
+        event = tracker.advance(timestep)
         if event == NEW_REQUEST:
             if not self.tracker.explicit:
                 self.total_steps = None  # an inferred request: its length is not known
