@@ -18,6 +18,7 @@ exact.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,13 @@ class TinyPipeline:
     pipe: DiffusionPipeline  # on CPU, eval, float32, progress bar disabled
     call: dict[str, Any]
     denoisers: tuple[str, ...] = ("transformer",)
+
+
+@functools.cache
+def shared(name: str) -> TinyPipeline:
+    """``PIPELINES[name]()`` built once per process, for tests that do not change the pipeline
+    (tests that load LoRA, set processors or convert dtypes build their own)."""
+    return PIPELINES[name]()
 
 
 def run(tp: TinyPipeline, seed: int = 0, **overrides: Any) -> torch.Tensor:

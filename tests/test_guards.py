@@ -217,3 +217,31 @@ def test_compiled_view_shares_state_and_uncompile_gives_the_model_back():
         pickle.dumps(compiled)
     with pytest.raises(TypeError, match="already compiled"):
         adacache.compile(compiled, adacache.NoCache())
+
+
+@pytest.mark.parametrize("change", ["fuse_lora", "set_adapters", "disable_adapters", "set_attn_processor", "train"])
+def test_a_change_in_the_middle_of_a_request_is_seen_at_the_next_call(change):
+    """A step callback that changes the model without registering anything: the very next
+    call follows it (fusing would otherwise apply the LoRA twice: merged weights and branch)."""
+    pytest.importorskip("peft")
+    model, inputs = _sd3()
+    _lora(model, "a")
+    _lora(model, "b")
+    compiled = adacache.compile(model, adacache.NoCache())
+    compiled.adacache.new_request()
+    with torch.no_grad():
+        compiled(**inputs(T1))
+        if change == "fuse_lora":
+            model.fuse_lora()
+        elif change == "set_adapters":
+            model.set_adapters(["a", "b"], weights=[0.3, 1.7])
+        elif change == "disable_adapters":
+            model.disable_adapters()
+        elif change == "set_attn_processor":
+            model.set_attn_processor(_HalfAttention())
+        else:
+            model.train()
+        got = compiled(**inputs(T2)).sample
+        want = model(**inputs(T2)).sample
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), float((got - want).abs().max())
+    assert compiled.adacache.recaptures

@@ -158,6 +158,7 @@ def test_bare_loop_computes_its_first_two_steps_and_then_caches():
     reused = [bool(next(iter(r.reused.values()))) for r in sess.stats.records]
     assert reused == [False, False, True, False, True, False]
     assert sess.stats.restarts == 1 and adacache.summary(cached).restarts == 1
+    assert "restarted 1" in str(adacache.summary(cached))
     cached.adacache.new_request()
     _run(cached, at, SCHEDULE)
     reused = [bool(next(iter(r.reused.values()))) for r in sess.stats.records]
@@ -257,3 +258,15 @@ def test_no_call_reuses_a_cache_from_another_request(requests, policy_index):
                         )
                     else:
                         filled_by[record.slot] = request_id
+
+
+def test_a_failed_call_takes_no_step():
+    model, at = _model()
+    cached = adacache.compile(model, adacache.FORA(interval=2))
+    cached.adacache.new_request()
+    bad = dict(at(1000.0), x=torch.zeros(2, 3, 8, 8))  # wrong channel count: the model raises
+    with torch.no_grad(), pytest.raises(Exception):
+        cached(**bad)
+    _run(cached, at, SCHEDULE[:3])
+    steps = [(r.step, r.slot) for r in cached.adacache.current_session().stats.records]
+    assert steps == [(0, 0), (1, 0), (2, 0)], "the retry is the request's first call, not a second slot"

@@ -1,10 +1,13 @@
 """adacache: graph-level feature caching for diffusion transformers.
 
-    model = adacache.compile(model, policy=adacache.FORA(interval=3))
+    pipe = adacache.compile(pipe, policy=adacache.FORA(interval=3))  # a diffusers pipeline
+    image = pipe("a cat", num_inference_steps=50).images[0]           # each call one request
+    print(adacache.summary(pipe))
+
+    model = adacache.compile(model, policy=adacache.FORA(interval=3))  # or a bare denoiser
+    model.adacache.new_request()                                        # in your own loop
     for t in scheduler.timesteps:
         eps = model(latents, timestep=t, class_labels=y).sample
-        ...
-    print(adacache.summary(model))
 
 Names are imported lazily, so ``adacache.load`` (the ONNX Runtime loader) works in a
 deployment environment that has onnxruntime and numpy but no torch.
@@ -32,6 +35,8 @@ _EXPORTS = {
     "SessionError": "adacache.errors",
     "ExportError": "adacache.errors",
     "ArtifactError": "adacache.errors",
+    "InputError": "adacache.errors",
+    "RequestBoundaryWarning": "adacache.errors",
     "Summary": "adacache.report",
     "graph_diff": "adacache.report",
     "graph_structure": "adacache.report",

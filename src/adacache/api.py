@@ -53,7 +53,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     if is_pipeline(model):
         if example_inputs is not None:
             raise TypeError("example_inputs applies to a model; a pipeline captures its denoisers at its first call")
-        return compile_pipeline(model, runtime_for)
+        return compile_pipeline(model, policy, runtime_for)
     if isinstance(model, CachedModule):
         raise TypeError("this model is already compiled by adacache; compile adacache.uncompile(model) to change the policy")
     runtime = runtime_for(model)

@@ -34,3 +34,8 @@ class ArtifactError(AdaCacheError):
 class InputError(AdaCacheError, TypeError):
     """An argument of an adacache function has the wrong form (for example ``example_inputs``
     that is not an ``(args, kwargs)`` pair). A TypeError, as Python raises for such mistakes."""
+
+
+class RequestBoundaryWarning(UserWarning):
+    """A compiled model runs where request boundaries can only be inferred from the timestep
+    although an explicit boundary was at hand (a diffusers pipeline that is not compiled)."""

@@ -176,7 +176,8 @@ class Summary:
         head = [
             f"adacache summary: {self.policy}",
             f"  calls {self.calls} in {self.generations} generation(s), graphs captured {self.captures}, "
-            f"cache invalidations {self.invalidations}, non-finite caches refused {self.nonfinite}",
+            f"cache invalidations {self.invalidations}, non-finite caches refused {self.nonfinite}"
+            + (f", ambiguous request starts restarted {self.restarts}" if self.restarts else ""),
             f"  hit rate {self.hit_rate:.1%}, FLOPs skipped {self.flops_skipped:.1%} "
             f"(FLOP-bound speedup {self.flop_bound_speedup:.2f}x), cache memory {self.cache_bytes / 2**20:.2f} MiB"
             + (f", reflection: {self.replays} replayed calls, {self.reflection_flops:.2%} extra FLOPs" if self.replays else ""),

@@ -10,13 +10,15 @@ of that; a program whose fingerprint no longer matches the model is captured aga
 
 Two costs, two checks:
 
-* the full fingerprint walks every module (about 1 µs per module; see BENCHMARKS.md), and
-  is compared at the start of every request;
-* within a request, each call compares one integer: :func:`registration_epoch` counts every
-  parameter, buffer and submodule registered anywhere in the process (PyTorch's global
-  registration hooks), which is how PEFT, ``set_attn_processor`` with module processors,
-  ``load_state_dict(assign=True)`` and replaced submodules change a model. When it moved,
-  the full fingerprint is compared again.
+* the full fingerprint walks every module (about 7 to 14 µs per module on a CPU; see
+  BENCHMARKS.md, "What the guards cost"), and is compared at the start of every request;
+* within a request, each call compares one integer and a short list: :func:`registration_epoch`
+  counts every parameter, buffer and submodule registered anywhere in the process (PyTorch's
+  global registration hooks), which is how PEFT, ``load_state_dict(assign=True)`` and
+  replaced submodules change a model; a :class:`CallWatch` reads the few attributes the
+  changes that register nothing write (``training``, the first parameter's dtype and device,
+  each attention processor, each PEFT layer's active / merged / disabled adapters and
+  scaling). When either moved, the full fingerprint is compared again.
 """
 
 from __future__ import annotations
@@ -170,3 +172,55 @@ def _what_changed(old: tuple[Any, ...], new: tuple[Any, ...]) -> str:
 
 def _show(value: Any) -> str:
     return "(unset)" if value is None else repr(value)
+
+
+_PEFT_LAYER_STATE = ("_active_adapter", "merged_adapters", "_disable_adapters", "scaling")
+_MISSING = object()
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a watched attribute to compare later (PEFT mutates its lists and dicts in place)."""
+    if type(value) is list:
+        return list(value)
+    if type(value) is dict:
+        return dict(value)
+    return value
+
+
+@dataclass
+class CallWatch:
+    """What changes that register nothing write, read at every call: cheap where the
+    fingerprint is not (a handful of attributes, plus four per PEFT layer). Module
+    attributes are read from the module's ``__dict__`` directly (``getattr`` on a module
+    walks its class hierarchy first)."""
+
+    processors: tuple[tuple[dict[str, Any], Any], ...]  # (module __dict__, processor object)
+    values: tuple[tuple[dict[str, Any], str, Any], ...]  # (module __dict__, attribute, value seen)
+    first_parameter: tuple[Any, Any, Any] | None  # (tensor, dtype, device)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "CallWatch":
+        processors: list[tuple[dict[str, Any], Any]] = []
+        values: list[tuple[dict[str, Any], str, Any]] = [(vars(model), "training", model.training)]
+        for module in model.modules():
+            state = vars(module)
+            if state.get("processor") is not None:
+                processors.append((state, state["processor"]))
+            if "merged_adapters" in state:  # a PEFT tuner layer
+                values += [(state, name, _copy(state.get(name, _MISSING))) for name in _PEFT_LAYER_STATE]
+        first = next(model.parameters(), None)  # .to(dtype / device) converts every parameter in place
+        return cls(tuple(processors), tuple(values), None if first is None else (first, first.dtype, first.device))
+
+    def changed(self) -> bool:
+        """Whether any watched attribute differs from when the watch was taken."""
+        for state, processor in self.processors:
+            if state.get("processor") is not processor:
+                return True
+        for state, name, seen in self.values:
+            if state.get(name, _MISSING) != seen:  # list to list, dict to dict: nothing allocated
+                return True
+        if self.first_parameter is not None:
+            tensor, dtype, device = self.first_parameter
+            if tensor.dtype != dtype or tensor.device != device:
+                return True
+        return False

@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ from torch import nn
 
 from .. import stepping
 from ..capture import InputSignature, signature_of
-from ..errors import SessionError
+from ..errors import RequestBoundaryWarning, SessionError
 from ..policies.base import Policy, StepContext
 from . import guards
 from .program import Program, build_program
@@ -90,6 +92,7 @@ class Runtime:
         self._flags: dict[tuple[bool, torch.device], torch.Tensor] = {}
         self._forecast: dict[tuple[int, torch.device], list[torch.Tensor]] = {}
         self._timestep_index = _positional_index(model, TIMESTEP_NAMES)
+        self._warned_plain_pipeline = False
 
     # -- sessions ---------------------------------------------------------------------
     def _stack(self) -> list[Session]:
@@ -117,8 +120,7 @@ class Runtime:
         try:
             yield sess
         finally:
-            stack.remove(sess)
-            sess.stats.close_generation()
+            stack.remove(sess)  # its records stay readable: adacache.summary shows this request
 
     def reset(self) -> None:
         """Start a new request at the next call of this thread's current session."""
@@ -128,6 +130,33 @@ class Runtime:
         """The next call of this thread's current session starts a new request (same as
         :meth:`reset`; ``total_steps`` tells policies how many steps it will run)."""
         self.current_session().begin_request(total_steps)
+
+    def warn_if_inside_a_plain_pipeline(self) -> None:
+        """Warn (once) when this model is called from a diffusers pipeline that is not
+        compiled: its requests are then inferred, though the pipeline call could mark them."""
+        if self._warned_plain_pipeline:
+            return
+        from .pipeline import is_compiled_pipeline, is_pipeline
+
+        frame = sys._getframe(1)
+        for _ in range(48):  # a pipeline's __call__ is a few frames up (module __call__, hooks)
+            if frame is None:
+                return
+            if frame.f_code.co_name == "__call__":
+                owner = frame.f_locals.get("self")
+                if is_pipeline(owner) and not is_compiled_pipeline(owner):
+                    self._warned_plain_pipeline = True
+                    warnings.warn(
+                        f"this adacache-compiled {type(self.model).__name__} runs inside {type(owner).__name__}.__call__, "
+                        "but the pipeline is not compiled, so each request is inferred from the timestep, which cannot "
+                        "tell a request that continues an interrupted one's schedule (image-to-image after a cancelled "
+                        "text-to-image) from its next step. Compile the pipeline: pipe = adacache.compile(pipe, policy) "
+                        "(it keeps this compiled model and its captures), or call model.adacache.new_request() before each request.",
+                        RequestBoundaryWarning,
+                        stacklevel=2,
+                    )
+                    return
+            frame = frame.f_back
 
     # -- calls --------------------------------------------------------------------------
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -143,21 +172,27 @@ class Runtime:
         changed since it was captured.
 
         ``check_model`` compares the whole model fingerprint (done at every request start);
-        otherwise only the process-wide registration counter is compared, and the full
-        comparison runs only when it moved.
+        otherwise only the process-wide registration counter and the program's
+        :class:`~adacache.runtime.guards.CallWatch` are compared, and the full comparison
+        runs only when one of them moved.
         """
         signature = signature_of(args, kwargs)
         program = self._programs.get(signature)
-        if program is not None and (check_model or program.checked_epoch != guards.registration_epoch()):
+        if program is not None:
+            self._programs.move_to_end(signature)  # least recently used goes first when full
+        if program is not None and (
+            check_model or program.checked_epoch != guards.registration_epoch() or program.watch.changed()
+        ):
             program = self._checked(program, stats)
         if program is None:
             with self._lock:
                 program = self._programs.get(signature)
                 if program is None:
-                    fingerprint = guards.ModelFingerprint.of(self.model)
+                    fingerprint, watch = guards.ModelFingerprint.of(self.model), guards.CallWatch.of(self.model)
                     program = build_program(self.model, self.policy, args, kwargs, blocks=self.blocks, backend=self.backend)
                     program.fingerprint = fingerprint
                     program.checked_epoch = guards.registration_epoch()
+                    program.watch = watch
                     self._programs[signature] = program
                     stats.captures += 1
                     while len(self._programs) > self.max_programs:
@@ -171,6 +206,7 @@ class Runtime:
         reason = program.fingerprint.difference(guards.ModelFingerprint.of(self.model)) if program.fingerprint else None
         if reason is None:
             program.checked_epoch = epoch
+            program.watch = guards.CallWatch.of(self.model)
             return program
         with self._lock:
             if self._programs:

@@ -34,8 +34,13 @@ def _denoisers(pipe: Any) -> list[str]:
     return [name for name in DENOISER_NAMES if isinstance(getattr(pipe, name, None), nn.Module)]
 
 
-def compile_pipeline(pipe: Any, make_runtime: Callable[[nn.Module], Runtime]) -> Any:
-    """A copy of ``pipe`` with each denoiser compiled by ``make_runtime`` and per-call requests."""
+def compile_pipeline(pipe: Any, policy: Any, make_runtime: Callable[[nn.Module], Runtime]) -> Any:
+    """A copy of ``pipe`` with each denoiser compiled by ``make_runtime`` and per-call requests.
+
+    A denoiser that is already compiled with the same policy (a pipeline made with
+    ``from_pipe`` from a compiled one, or ``pipe.transformer = adacache.compile(...)``) is
+    kept as it is, so pipelines built from the same components share its captured programs.
+    """
     names = _denoisers(pipe)
     if not names:
         raise NotEligibleError(
@@ -43,17 +48,24 @@ def compile_pipeline(pipe: Any, make_runtime: Callable[[nn.Module], Runtime]) ->
             "adacache caches diffusion transformers. Compile the denoiser module itself with adacache.compile(module, ...)"
         )
     for name in names:
-        if isinstance(getattr(pipe, name), CachedModule):
+        module = getattr(pipe, name)
+        if isinstance(module, CachedModule) and module.adacache.policy != policy:
             raise TypeError(
-                f"{type(pipe).__name__}.{name} is already compiled by adacache; compile the plain pipeline "
-                "(adacache.uncompile(pipe)) or keep the compiled component as it is"
+                f"{type(pipe).__name__}.{name} is already compiled by adacache with {module.adacache.policy.describe()}; "
+                f"compile the plain pipeline (adacache.uncompile(pipe)) to use {policy.describe()}"
             )
     compiled = copy.copy(pipe)
     for name in names:
         module = getattr(pipe, name)
-        setattr(compiled, name, compiled_view(module, make_runtime(module)))
+        if not isinstance(module, CachedModule):
+            setattr(compiled, name, compiled_view(module, make_runtime(module)))
     compiled.__class__ = _request_per_call_class(_plain_pipeline_class(type(pipe)))
     return compiled
+
+
+def is_compiled_pipeline(obj: Any) -> bool:
+    """Whether ``obj`` is a pipeline returned by ``adacache.compile`` (each call one request)."""
+    return hasattr(type(obj), "_adacache_pipeline_base")
 
 
 def uncompile_pipeline(pipe: Any) -> Any:

@@ -36,6 +36,8 @@ class Program:
     fingerprint: Any = field(default=None, repr=False)
     #: The registration epoch at which the fingerprint was last found to match.
     checked_epoch: int = field(default=-1, repr=False)
+    #: The attributes every call re-reads (guards.CallWatch), taken when last checked.
+    watch: Any = field(default=None, repr=False)
     _flops: dict[str, int] | None = field(default=None, repr=False)
 
     @property

@@ -21,6 +21,7 @@ is entered explicitly with ``adacache.session``.
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -94,6 +95,7 @@ class Session:
         if event == NEW_REQUEST:
             if not self.tracker.explicit:
                 self.total_steps = None  # an inferred request: its length is not known
+                self.owner.warn_if_inside_a_plain_pipeline()
             if self.stats.records:
                 self.stats.close_generation()
         self.stats.generations = self.tracker.generations
@@ -111,6 +113,14 @@ class Session:
                 "this adacache session belongs to another thread; concurrent requests need one "
                 "session each (enter `with adacache.session(model):` in each thread)"
             )
+        position = copy.copy(self.tracker)
+        try:
+            return self._call(args, kwargs)
+        except BaseException:
+            self.tracker = position  # a call that failed took no step: a retry is the same call
+            raise
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         owner = self.owner
         starts_fresh = self._advance(owner.timestep_of(args, kwargs))
         program, signature = owner.program_for(args, kwargs, self.stats, check_model=starts_fresh)
