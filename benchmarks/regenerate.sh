@@ -12,6 +12,7 @@ adacache bench --anchors --samples 50 --guidance 4.0 --repeats 3 --threads "$THR
 python benchmarks/goal_check.py --samples 50 --repeats 7 --threads "$THREADS" --out "$OUT/goal_check.json"
 python benchmarks/adacorrection_study.py --samples 20 --repeats 3 --threads "$THREADS" --out "$OUT/adacorrection"
 python benchmarks/core_speed.py --config small --steps 50 --repeats 5 --threads "$THREADS" --out "$OUT/core_speed.json"
+python benchmarks/guard_cost.py --repeats 15 --threads "$THREADS" --out "$OUT/guard_cost.json"
 python benchmarks/backends_speed.py --models reference dit-s --steps 50 --repeats 3 --threads "$THREADS" --out "$OUT/backends_speed.json"
 python benchmarks/offset_score_study.py --samples 20 --out "$OUT/offset_study.json"
 python benchmarks/overhead.py --models diffusers-dit-s --steps 20 --repeats 3 --threads "$THREADS" --out "$OUT/overhead.json"
