@@ -111,6 +111,10 @@ def test_wan22_compiles_both_experts_and_each_sees_its_own_steps():
     high = cached.pipe.transformer.adacache.latest_session().stats
     low = cached.pipe.transformer_2.adacache.latest_session().stats
     assert high.calls > 0 and low.calls > 0, "both experts ran, each in its own request"
+    assert adacache.summary(cached.pipe, denoiser="transformer_2").calls == low.calls
+    assert adacache.summary(cached.pipe).calls == high.calls
+    with pytest.raises(ValueError, match="transformer_3"):
+        adacache.summary(cached.pipe, denoiser="transformer_3")
 
 
 # -- diffusers' own machinery on a compiled denoiser -------------------------------------

@@ -109,28 +109,40 @@ def export(
     raise ValueError(f"unknown export format {format!r}; use 'onnx' or 'tensorrt'")
 
 
-def _cached(model: Any) -> Runtime:
-    """The runtime of a compiled model, or of a compiled pipeline's (first) denoiser."""
+def _cached(model: Any, denoiser: str | None = None) -> Runtime:
+    """The runtime of a compiled model, or of a compiled pipeline's denoiser (``denoiser``,
+    by default the first compiled one: ``transformer``, then ``transformer_2``)."""
     if is_pipeline(model):
-        model = next((getattr(model, n) for n in DENOISER_NAMES if isinstance(getattr(model, n, None), CachedModule)), model)
+        names = [n for n in DENOISER_NAMES if isinstance(getattr(model, n, None), CachedModule)]
+        if denoiser is not None and denoiser not in names:
+            raise ValueError(f"{type(model).__name__} has no compiled denoiser {denoiser!r}; its compiled denoisers: {names}")
+        if names:
+            model = getattr(model, denoiser or names[0])
+    elif denoiser is not None:
+        raise TypeError("denoiser= names a component of a pipeline; pass the pipeline, or the compiled model alone")
     if not isinstance(model, CachedModule):
         raise TypeError(f"expected a model or pipeline returned by adacache.compile, got {type(model).__name__}")
     return type(model).adacache
 
 
-def session(model: nn.Module, total_steps: int | None = None) -> contextlib.AbstractContextManager[Session]:
+def session(
+    model: nn.Module, total_steps: int | None = None, *, denoiser: str | None = None
+) -> contextlib.AbstractContextManager[Session]:
     """``with adacache.session(model) as s:`` runs one request with its own cache state
-    (``total_steps``: how many steps it will run, when known)."""
-    return _cached(model).session(total_steps)
+    (``total_steps``: how many steps it will run, when known; ``denoiser``: which compiled
+    denoiser of a pipeline, by default its first)."""
+    return _cached(model, denoiser).session(total_steps)
 
 
-def summary(model: nn.Module, session: Session | None = None) -> Summary:
+def summary(model: nn.Module, session: Session | None = None, *, denoiser: str | None = None) -> Summary:
     """Hit rate per site and step, FLOPs skipped and cache bytes of a session.
 
-    Uses this thread's current session unless one is given. Per-step rows cover the
-    current (or last) generation; counters cover the session's whole life.
+    Uses the session of this thread's latest call (for a pipeline, its latest call's request)
+    unless one is given. Per-step rows cover the current (or last) request; counters cover
+    the session's whole life. For a pipeline with two denoisers (Wan 2.2), ``denoiser``
+    picks one (``"transformer"`` by default, or ``"transformer_2"``).
     """
-    cached = _cached(model)
+    cached = _cached(model, denoiser)
     sess = session or cached.latest_session()
     stats = sess.stats
     programs = cached.programs
@@ -166,9 +178,10 @@ def summary(model: nn.Module, session: Session | None = None) -> Summary:
     )
 
 
-def explain(model: nn.Module) -> str:
-    """What the compiler did to the most recently captured graph: blocks, sites, graph diff."""
-    cached = _cached(model)
+def explain(model: nn.Module, *, denoiser: str | None = None) -> str:
+    """What the compiler did to the most recently captured graph: blocks, sites, graph diff
+    (``denoiser``: which compiled denoiser of a pipeline, by default its first)."""
+    cached = _cached(model, denoiser)
     if not cached.programs:
         return "adacache: nothing captured yet; call the model once or pass example_inputs to adacache.compile"
     program = cached.programs[-1]
