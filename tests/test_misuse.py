@@ -233,3 +233,42 @@ def test_example_inputs_of_the_wrong_form_get_a_clear_error():
     args, kwargs = check_example_inputs(([x], {"t": x}))
     assert args == (x,) and type(args) is tuple and kwargs == {"t": x} and type(kwargs) is dict
     assert check_example_inputs(((), {})) == ((), {})
+
+
+def test_adacorrection_over_a_trajectory_policy_is_refused():
+    # It used to be accepted and never reflect (summary(...).replays == 0).
+    with pytest.raises(PolicyError, match="trajectory"):
+        adacache.AdaCorrection(base=adacache.ZCache(base=adacache.TaylorSeer(order=1, interval=3)))
+    with pytest.raises(PolicyError, match="trajectory"):
+        adacache.policies.parse.parse_policy("AdaCorrection(base=ZCache(base=TaylorSeer(order=1, interval=3)))")
+
+
+def test_engine_request_after_a_cancelled_one_equals_it_alone(artifact):
+    """A cancelled generation (999, 979) must not leak into the next (500, 480, ...) in the
+    ONNX engine either: the same request-boundary rules as eager."""
+    _, inputs, _ = FAMILIES["tiny_dit"]()
+
+    def feeds(t: float) -> dict[str, np.ndarray]:
+        kw = inputs(torch.tensor(t))
+        kw["x"] = kw["x"] * (1 + t / 700)  # a latent that moves, as in sampling
+        return {k: v.numpy() for k, v in kw.items()}
+
+    second = [500.0, 480.0, 460.0, 440.0]
+    alone_engine = adacache.load(artifact, provider="cpu")
+    alone = [alone_engine(**feeds(t))["output_0"] for t in second]
+    engine = adacache.load(artifact, provider="cpu")
+    for t in (999.0, 979.0):
+        engine(**feeds(t))
+    after = [engine(**feeds(t))["output_0"] for t in second]
+    assert all(np.array_equal(a, b) for a, b in zip(after, alone))
+    assert engine.reused["site_0"] > 0, "the engine reused within the second request"
+    computed = adacache.load(artifact, provider="cpu")(**feeds(second[2]))["output_0"]
+    assert not np.array_equal(computed, alone[2]), "a reused step differs from a computed one, or this test proves nothing"
+
+
+def test_engine_refuses_batch_rows_at_different_timesteps(artifact):
+    _, inputs, _ = FAMILIES["tiny_dit"]()
+    kw = {k: v.numpy() for k, v in inputs(T0).items()}
+    kw["timestep"] = np.array([950.0, 500.0], dtype=kw["timestep"].dtype)
+    with pytest.raises(ArtifactError, match="different timesteps"):
+        adacache.load(artifact, provider="cpu")(**kw)

@@ -68,6 +68,11 @@ class AdaCorrection(Policy):
     def __post_init__(self) -> None:
         name = "AdaCorrection"
         check(isinstance(self.base, Policy) and not isinstance(self.base, AdaCorrection), name, f"base must be a policy other than AdaCorrection, got {self.base!r}")
+        # A trajectory policy acts in adacache.sample's loop, around the calls AdaCorrection
+        # corrects; AdaCorrection's own loop is the model call, so the reflection would never run.
+        check(not self.base.owns_trajectory, name, f"base={type(self.base).__name__}(...) rewrites the sampling trajectory, "
+              "which AdaCorrection (a per-call policy) cannot compose with: use the trajectory policy alone, or AdaCorrection "
+              "over its own base (e.g. base=TaylorSeer(...))")
         check(not isinstance(self.base, NoCache), name, "base=NoCache() keeps no cache to reuse; for AdaCorrection's own "
               "decisions alone use base=FORA(interval=1) (caches every step, proposes no reuse) with accept > 0")
         object.__setattr__(self, "gamma", policy_number(name, "gamma", self.gamma, minimum=0, exclusive_minimum=True))
