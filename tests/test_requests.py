@@ -270,3 +270,16 @@ def test_a_failed_call_takes_no_step():
     _run(cached, at, SCHEDULE[:3])
     steps = [(r.step, r.slot) for r in cached.adacache.current_session().stats.records]
     assert steps == [(0, 0), (1, 0), (2, 0)], "the retry is the request's first call, not a second slot"
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "inferred"])
+def test_rising_timesteps_reuse_like_falling_ones(explicit):
+    """Lumina 2 and Lumina-Next pass 1 - t / 1000, which rises over the denoising: each call
+    must be the next step (and reuse), not a new request."""
+    model, at = _model()
+    cached = adacache.compile(model, adacache.FORA(interval=2))
+    rising = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25]
+    _run(cached, at, rising, explicit=explicit)
+    stats = cached.adacache.current_session().stats
+    assert stats.generations == 1 and [r.step for r in stats.records][-1] == (5 if explicit else 4)
+    assert any(bool(flag) for r in stats.records for flag in r.reused.values())

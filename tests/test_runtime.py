@@ -337,3 +337,28 @@ def test_nocache_outlines_every_block_and_keeps_no_state():
     denoise(cached, inputs)
     summary = adacache.summary(cached)
     assert summary.hit_rate == 0.0 and summary.cache_bytes == 0 and summary.sites[0].calls == len(TIMESTEPS)
+
+
+class _NonzeroModel(torch.nn.Module):
+    """Calls ``nonzero`` in its forward: its FLOPs cannot be counted on fake tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        active = torch.nonzero(x[0] > 0).numel()
+        for block in self.blocks:
+            x = block(x)
+        return x * active + timestep.view(-1, 1)
+
+
+def test_summary_of_a_model_with_data_dependent_ops_reports_flops_unknown():
+    compiled = adacache.compile(_NonzeroModel().eval(), adacache.FirstBlockCache(2.0))
+    compiled.adacache.new_request()
+    with torch.no_grad():
+        for t in (900.0, 800.0, 700.0):
+            compiled(torch.randn(2, 8), torch.full((2,), t))
+    summary = adacache.summary(compiled)
+    assert summary.flops_skipped is None and summary.flop_bound_speedup is None
+    assert "FLOPs unknown" in str(summary) and summary.calls == 3

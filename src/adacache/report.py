@@ -118,7 +118,7 @@ class SiteSummary:
     label: str
     reused: int
     calls: int
-    flops_per_call: int
+    flops_per_call: int | None  # None: not countable (a data-dependent op such as nonzero)
 
     @property
     def hit_rate(self) -> float:
@@ -137,15 +137,17 @@ class Summary:
     invalidations: int
     nonfinite: int
     cache_bytes: int
-    model_flops_per_call: int
+    model_flops_per_call: int | None
     per_step: list[dict[str, Any]] = field(default_factory=list)
     replays: int = 0  # reflected calls (Z-Cache) that ran only the non-block part
     restarts: int = 0  # ambiguous request boundaries where the caches were cleared
     recaptures: list[str] = field(default_factory=list)  # why graphs were captured again
 
     @property
-    def reflection_flops(self) -> float:
+    def reflection_flops(self) -> float | None:
         """Extra FLOPs of reflected calls, as a share of the full-computation FLOPs of all calls."""
+        if not self._flops_known:
+            return None
         non_block = self.model_flops_per_call - sum(s.flops_per_call for s in self.sites)
         total = self.model_flops_per_call * self.calls
         return self.replays * max(0, non_block) / total if total else 0.0
@@ -157,16 +159,24 @@ class Summary:
         return sum(s.reused for s in self.sites) / calls if calls else 0.0
 
     @property
-    def flops_skipped(self) -> float:
-        """Share of the model's FLOPs (over all calls) that reuse skipped."""
+    def _flops_known(self) -> bool:
+        return self.model_flops_per_call is not None and all(s.flops_per_call is not None for s in self.sites)
+
+    @property
+    def flops_skipped(self) -> float | None:
+        """Share of the model's FLOPs (over all calls) that reuse skipped; ``None`` when the
+        model's FLOPs cannot be counted."""
+        if not self._flops_known:
+            return None
         total = self.model_flops_per_call * self.calls
         skipped = sum(s.reused * s.flops_per_call for s in self.sites)
         return skipped / total if total else 0.0
 
     @property
-    def flop_bound_speedup(self) -> float:
-        """The speedup if time were proportional to FLOPs."""
-        return 1.0 / max(1e-9, 1.0 - self.flops_skipped)
+    def flop_bound_speedup(self) -> float | None:
+        """The speedup if time were proportional to FLOPs (``None`` when they are unknown)."""
+        skipped = self.flops_skipped
+        return None if skipped is None else 1.0 / max(1e-9, 1.0 - skipped)
 
     def __str__(self) -> str:
         return self.format()
@@ -178,14 +188,18 @@ class Summary:
             f"  calls {self.calls} in {self.generations} generation(s), graphs captured {self.captures}, "
             f"cache invalidations {self.invalidations}, non-finite caches refused {self.nonfinite}"
             + (f", ambiguous request starts restarted {self.restarts}" if self.restarts else ""),
-            f"  hit rate {self.hit_rate:.1%}, FLOPs skipped {self.flops_skipped:.1%} "
-            f"(FLOP-bound speedup {self.flop_bound_speedup:.2f}x), cache memory {self.cache_bytes / 2**20:.2f} MiB"
-            + (f", reflection: {self.replays} replayed calls, {self.reflection_flops:.2%} extra FLOPs" if self.replays else ""),
+            f"  hit rate {self.hit_rate:.1%}, "
+            + (f"FLOPs skipped {self.flops_skipped:.1%} (FLOP-bound speedup {self.flop_bound_speedup:.2f}x)"
+               if self._flops_known else "FLOPs unknown (a data-dependent op such as nonzero cannot be counted)")
+            + f", cache memory {self.cache_bytes / 2**20:.2f} MiB"
+            + (f", reflection: {self.replays} replayed calls" if self.replays else "")
+            + (f", {self.reflection_flops:.2%} extra FLOPs" if self.replays and self._flops_known else ""),
             *(f"  re-captured because the model changed: {reason}" for reason in self.recaptures),
             f"  {'site':<8} {'covers':<32} {'reused':>8} {'hit rate':>9} {'MFLOP/call':>11}",
         ]
         rows = [
-            f"  {s.site:<8} {s.label:<32} {s.reused:>4}/{s.calls:<3} {s.hit_rate:>9.1%} {s.flops_per_call / 1e6:>11.2f}"
+            f"  {s.site:<8} {s.label:<32} {s.reused:>4}/{s.calls:<3} {s.hit_rate:>9.1%} "
+            + (f"{s.flops_per_call / 1e6:>11.2f}" if s.flops_per_call is not None else f"{'unknown':>11}")
             for s in self.sites
         ]
         if self.per_step and per_step:

@@ -48,8 +48,9 @@ class Program:
         """Zero caches marked invalid: the first step of a generation computes everything."""
         return [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in self.layout.states]
 
-    def site_flops(self) -> dict[str, int]:
-        """FLOPs of one call of each site and of the whole model, counted once on fake tensors."""
+    def site_flops(self) -> dict[str, int | None]:
+        """FLOPs of one call of each site and of the whole model, counted once on fake tensors
+        (``None`` where a data-dependent op makes them uncountable)."""
         if self._flops is None:
             self._flops = _count_flops(self)
         return self._flops
@@ -103,13 +104,26 @@ def _fake_inputs(nodes: list[fx.Node], mode: Any) -> list[Any]:
     return out
 
 
-def _count_flops(program: Program) -> dict[str, int]:
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def _count_flops(program: Program) -> dict[str, int | None]:
+    """FLOPs per site and for the whole model; ``None`` where they cannot be counted (an op
+    whose output shape depends on data, such as ``nonzero``, has no fake-tensor shape)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
     from torch.utils.flop_counter import FlopCounterMode
 
-    flops: dict[str, int] = {}
+    flops: dict[str, int | None] = {}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     root = program.portable
+
+    def count(module: Any, inputs: list[Any]) -> int | None:
+        counter = FlopCounterMode(display=False)
+        try:
+            with mode, counter, torch.no_grad():
+                module(*inputs)
+        except (DynamicOutputShapeException, DataDependentOutputException, GuardOnDataDependentSymNode):
+            return None
+        return counter.get_total_flops()
+
     # FlopCounterMode tracks modules through autograd hooks, which inference mode forbids:
     # count outside it, so that summary() works inside ``torch.inference_mode()`` blocks.
     with torch.inference_mode(False):
@@ -117,14 +131,7 @@ def _count_flops(program: Program) -> dict[str, int]:
             region = site.regions[0]
             module = root.get_submodule(site.name)
             params = [operator.attrgetter(target)(root) for target in site.params]
-            inputs = [*_fake_inputs(region.inputs, mode), *params]
-            counter = FlopCounterMode(display=False)
-            with mode, counter, torch.no_grad():
-                module(*inputs)
-            flops[site.name] = counter.get_total_flops()
+            flops[site.name] = count(module, [*_fake_inputs(region.inputs, mode), *params])
         placeholders = [n for n in program.original.graph.nodes if n.op == "placeholder"]
-        counter = FlopCounterMode(display=False)
-        with mode, counter, torch.no_grad():
-            program.original(*_fake_inputs(placeholders, mode))
-    flops["<model>"] = counter.get_total_flops()
+        flops["<model>"] = count(program.original, list(_fake_inputs(placeholders, mode)))
     return flops
