@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import stepping
 from ..capture import InputSignature, signature_of
-from ..errors import RequestBoundaryWarning, SessionError
+from ..errors import InputError, RequestBoundaryWarning, SessionError
 from ..policies.base import Policy, StepContext
 from . import guards
 from .program import Program, build_program
@@ -240,7 +240,13 @@ class Runtime:
             if low != high:
                 raise SessionError(stepping.mixed_timesteps_message(low, high))
             return low
-        return float(value)
+        # A number is part of the input signature by value (torch.export specialises on it):
+        # every step would capture a new graph and reuse nothing. Refused with what to pass.
+        raise InputError(
+            f"the timestep input is a {type(value).__name__} ({value!r}), not a tensor: adacache captures one graph per "
+            "input signature, which includes non-tensor values, so every step would capture a new graph and nothing "
+            f"would be reused. Pass it as a tensor: torch.tensor({value!r}) or torch.full((batch,), {value!r})"
+        )
 
     def controls(self, program: Program, ctx: StepContext, device: torch.device) -> list[torch.Tensor]:
         """The host-side inputs of one step, in the layout's order: the forecast coefficients
