@@ -272,3 +272,30 @@ def test_engine_refuses_batch_rows_at_different_timesteps(artifact):
     kw["timestep"] = np.array([950.0, 500.0], dtype=kw["timestep"].dtype)
     with pytest.raises(ArtifactError, match="different timesteps"):
         adacache.load(artifact, provider="cpu")(**kw)
+
+
+@pytest.mark.parametrize("timestep", [950.0, 950, np.float32(950.0)], ids=["float", "int", "numpy"])
+def test_timestep_given_as_a_number_is_refused_with_what_to_pass(timestep):
+    # It used to capture a new graph at every step (the value is part of the signature) and reuse nothing.
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    compiled = adacache.compile(model, adacache.FORA(interval=2))
+    kw = dict(inputs(T0), timestep=timestep)
+    with torch.no_grad(), pytest.raises(adacache.InputError, match=r"torch\.tensor\(") as info:
+        compiled(**kw)
+    assert isinstance(info.value, TypeError)
+    assert compiled.adacache.programs == [], "refused before anything was captured"
+
+
+def test_a_caching_policy_under_autograd_is_refused_with_what_to_do():
+    # It used to fail with raw autograd errors, or keep a growing autograd graph in TaylorSeer's cache.
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    compiled = adacache.compile(model, adacache.TaylorSeer(order=1, interval=2))
+    with pytest.raises(adacache.SessionError, match="no_grad"):
+        compiled(**inputs(T0))
+    with torch.no_grad():
+        compiled.adacache.new_request()
+        compiled(**inputs(T0))
+    nothing_cached = adacache.compile(model, adacache.NoCache())
+    out = nothing_cached(**inputs(T0))  # no cache, nothing to refuse: gradients flow
+    out.float().sum().backward()
+    assert any(p.grad is not None for p in model.parameters())

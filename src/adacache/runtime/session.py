@@ -125,6 +125,8 @@ class Session:
         starts_fresh = self._advance(owner.timestep_of(args, kwargs))
         program, signature = owner.program_for(args, kwargs, self.stats, check_model=starts_fresh)
         flat = program.captured.flatten_inputs(args, kwargs)
+        if torch.is_grad_enabled() and program.layout.states:
+            _refuse_gradients(owner, flat)
         device = _device_of(flat)
 
         slot = self.slots.get(self.slot)
@@ -182,6 +184,19 @@ class Session:
     def cache_bytes(self) -> int:
         """Bytes held by this session's caches right now."""
         return sum(t.numel() * t.element_size() for s in self.slots.values() for t in s.tensors)
+
+
+def _refuse_gradients(owner: "Runtime", flat: list[Any]) -> None:
+    """A caching policy under autograd: reused features carry no gradient to the blocks they
+    skip, and the caches would keep every step's autograd graph alive. Refused, saying why."""
+    inputs = any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
+    if inputs or any(p.requires_grad for p in owner.model.parameters()):
+        raise SessionError(
+            f"{type(owner.model).__name__} is compiled with {owner.policy.describe()}, which reuses cached features, and was "
+            "called with gradients enabled: reused steps carry no gradient to the blocks they skip, and the caches would "
+            "keep each step's autograd graph alive. Run inference under torch.no_grad() or torch.inference_mode() "
+            "(diffusers pipelines do), or train the plain model (adacache.uncompile(model))"
+        )
 
 
 def _device_of(flat: list[Any]) -> torch.device:
