@@ -266,8 +266,12 @@ def test_two_threads_share_one_compiled_transformer():
         th.start()
     for th in threads:
         th.join()
+    # Not bitwise: BLAS may split a reduction differently while the other thread holds its
+    # threads. A cache shared across requests shows as differences of 1e-2 (issue 13's report).
     for i in (0, 1):
-        assert len(results[i]) == 3 and all(torch.equal(r, expected[i]) for r in results[i])
+        assert len(results[i]) == 3
+        for r in results[i]:
+            assert torch.allclose(r, expected[i], rtol=1e-4, atol=1e-5), float((r - expected[i]).abs().max())
 
 
 # -- known bugs of other caching systems, as named tests ----------------------------------
