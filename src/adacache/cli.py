@@ -57,16 +57,31 @@ def finite_float(minimum: float | None = None, why: str = "") -> Callable[[str],
     return parse
 
 
-def policy_expression(text: str) -> str:
-    """An argparse ``type``: ``text`` if it parses as a policy (the text is kept, parsed again when used)."""
-    from adacache.errors import PolicyError
-    from adacache.policies.parse import parse_policy
+def accepted_by(parse: Callable[[str], Any]) -> Callable[[str], str]:
+    """An argparse ``type``: the text itself, if ``parse`` accepts it (it is parsed again when
+    used); a ``PolicyError`` from ``parse`` becomes a usage error."""
 
-    try:
-        parse_policy(text)
-    except PolicyError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    def check(text: str) -> str:
+        from adacache.errors import PolicyError
+
+        try:
+            parse(text)
+        except PolicyError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    check.__name__ = "policy"
+    return check
+
+
+def _parse_policy(text: str) -> Any:
+    from adacache.policies.parse import parse_policy  # imported when an argument is checked, not at start-up
+
+    return parse_policy(text)
+
+
+#: An argparse ``type`` for a policy expression.
+policy_expression = accepted_by(_parse_policy)
 
 
 def output_folder(text: str) -> str:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adacache.cli import MODELS, finite_float, int_in, output_folder
+from adacache.cli import MODELS, accepted_by, finite_float, int_in, output_folder
 
 QUICK_POLICIES = ("NoCache()", "FORA(interval=3)", "FirstBlockCache(0.08)")
 FULL_POLICIES = (
@@ -61,17 +61,6 @@ def _reference_train_steps() -> int | None:
         return None  # no bound here; loading the reference model reports the missing assets
 
 
-def bench_policy_expression(text: str) -> str:
-    """An argparse ``type``: ``text`` if :func:`parse_bench_policy` accepts it."""
-    from adacache.errors import PolicyError
-
-    try:
-        parse_bench_policy(text)
-    except PolicyError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def add_bench_parser(sub: Any) -> None:
     """Register ``adacache bench`` on the main parser."""
     p = sub.add_parser(
@@ -84,7 +73,7 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--quick", action="store_true", help="3 policies, 20 samples, CFG 4.0 only, no speed track")
     p.add_argument("--anchors", action="store_true", help="also run diffusers' cache hooks and cache-dit on the same weights")
-    p.add_argument("--policies", nargs="*", type=bench_policy_expression,
+    p.add_argument("--policies", nargs="*", type=accepted_by(parse_bench_policy),
                    help="policy expressions, or calibrated(<policy>) to fit TeaCache / AdaCorrection "
                    "on the bench's sampler first (default: the built-in matrix)")
     # FD-digits needs a covariance of the samples' features, so at least two samples.

@@ -207,7 +207,8 @@ class Runtime:
         reason = program.fingerprint.difference(guards.ModelFingerprint.of(self.model)) if program.fingerprint else None
         if reason is None:
             program.checked_epoch = epoch
-            program.watch = guards.CallWatch.of(self.model)
+            if program.watch.changed():  # a watched value moved in a way the fingerprint does not count: rewatch
+                program.watch = guards.CallWatch.of(self.model)
             return program
         with self._lock:
             if self._programs:
@@ -342,12 +343,7 @@ def _class_forward(model: nn.Module) -> Iterator[None]:
 
 def plain_model(model: CachedModule) -> nn.Module:
     """The user's model object behind a compiled view (same state, its own class)."""
-    runtime = type(model).adacache
-    if runtime.model.__dict__ is model.__dict__:
-        return runtime.model
-    plain = object.__new__(type(runtime.model))
-    object.__setattr__(plain, "__dict__", model.__dict__)
-    return plain
+    return type(model).adacache.model
 
 
 def _positional_index(model: nn.Module, names: Sequence[str]) -> int | None:
