@@ -299,3 +299,89 @@ def test_a_caching_policy_under_autograd_is_refused_with_what_to_do():
     out = nothing_cached(**inputs(T0))  # no cache, nothing to refuse: gradients flow
     out.float().sum().backward()
     assert any(p.grad is not None for p in model.parameters())
+
+
+# -- 13. the manifest schema -------------------------------------------------------------
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """An edit that sets ``path`` (dots between keys, digits index lists) to ``value``."""
+
+    def edit(manifest: dict[str, Any]) -> None:
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        node: Any = manifest
+        for key in parents:
+            node = node[key]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+
+    return edit
+
+
+_DELETE = object()
+
+# (the field the error must name, the edit); each of these used to load, or fail later with a raw error.
+MANIFEST_EDITS = [
+    ("schedules.site_0.interval", _set("schedules.site_0.interval", 0)),  # ZeroDivisionError at the 1st call
+    ("schedules.site_0.interval", _set("schedules.site_0.interval", 2.5)),
+    ("schedules.site_0.kind", _set("schedules.site_0.kind", "sometimes")),
+    ("schedules.site_0.warmup", _set("schedules.site_0.warmup", "0")),
+    ("schedules.site_0.warmup", _set("schedules.site_0.warmup", _DELETE)),
+    ("states.0.shape", _set("states.0.shape", [1 << 20, 1 << 20, 1 << 20])),  # MemoryError
+    ("states.0.shape", _set("states.0.shape", [1, 2, 3])),  # not what the model file takes
+    ("states.0.shape", _set("states.0.shape", [-1, 4])),
+    ("states.0.dtype", _set("states.0.dtype", 3)),
+    ("states.0.dtype", _set("states.0.dtype", "complex32")),
+    ("states.0.name", _set("states.0.name", "nowhere")),
+    ("inputs", _set("inputs", "x")),
+    ("inputs.0.role", _set("inputs.0.role", "magic")),
+    ("inputs.0.shape", _set("inputs.0.shape", [3, 3])),  # not what the model file takes
+    ("inputs.0.dtype", _set("inputs.0.dtype", "int8")),
+    ("controls.0.site", _set("controls.0.site", _DELETE)),
+    ("controls.0.site", _set("controls.0.site", "site_9")),
+    ("timestep_input", _set("timestep_input", 7)),
+    ("timestep_input", _set("timestep_input", "not_an_input")),
+    ("forecast", _set("forecast", "yes")),
+    ("model_file", _set("model_file", 3)),
+    ("sites.0.threshold", _set("sites.0.threshold", float("nan"))),
+    ("signals.0", _set("signals", [{"name": "x", "site": "site_0"}])),
+    ("surprise", _set("surprise", 1)),
+    ("outputs.0.role", _set("outputs.0.role", "bonus")),
+]
+
+
+@pytest.mark.parametrize("field, edit", MANIFEST_EDITS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(MANIFEST_EDITS)])
+def test_manifest_outside_the_schema_is_refused_naming_the_field(artifact, tmp_path, field, edit):
+    broken = _copy(artifact, tmp_path / "broken", edit)
+    with pytest.raises(ArtifactError) as info:
+        adacache.load(broken, provider="cpu")
+    assert field in str(info.value), f"the error should name {field!r}: {info.value}"
+
+
+def test_every_manifest_adacache_writes_is_inside_the_schema(tmp_path):
+    from adacache.deploy.manifest import check_manifest
+
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    policies = [adacache.NoCache(), adacache.FORA(interval=3), adacache.FirstBlockCache(0.2),
+                adacache.TaylorSeer(order=2, interval=3), adacache.TeaCache(0.2, coefficients=(1.0, 0.0))]
+    for i, policy in enumerate(policies):
+        path = adacache.export(adacache.compile(model, policy), tmp_path / str(i), example_inputs=((), inputs(T0)))
+        manifest = read_manifest(path)
+        adacache.load(path, provider="cpu")
+        # The TensorRT form names its engine and keeps its ONNX source beside it.
+        (path / "onnx").mkdir()
+        shutil.copy(path / "model.onnx", path / "onnx" / "model.onnx")
+        (path / "model.engine").write_bytes(b"engine")
+        check_manifest(dict(manifest, backend="tensorrt", model_file="model.engine", precision="fp16",
+                            onnx_file="onnx/model.onnx"), path)
+
+
+def test_the_schema_knows_every_schedule_kind_and_dtype_the_runtime_knows():
+    from adacache import stepping
+    from adacache.deploy.manifest import manifest_schema
+    from adacache.deploy.onnx_engine import _NUMPY_DTYPES
+
+    defs = manifest_schema()["$defs"]
+    assert tuple(defs["schedule"]["properties"]["kind"]["enum"]) == stepping.SCHEDULE_KINDS
+    assert set(defs["dtype"]["enum"]) == set(_NUMPY_DTYPES)

@@ -22,6 +22,12 @@ _NUMPY_DTYPES = {
     "int64": np.int64, "int32": np.int32, "bool": np.bool_, "uint8": np.uint8,
 }
 
+# The type strings ONNX Runtime reports for a graph input, by manifest dtype name.
+_ORT_TYPES = {
+    "float32": "tensor(float)", "float16": "tensor(float16)", "float64": "tensor(double)", "bfloat16": "tensor(bfloat16)",
+    "int64": "tensor(int64)", "int32": "tensor(int32)", "bool": "tensor(bool)", "uint8": "tensor(uint8)",
+}
+
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -84,10 +90,26 @@ class OnnxEngine:
 
     # -- setup --------------------------------------------------------------------------
     def _check_model_io(self) -> None:
-        graph_inputs = [i.name for i in self.session.get_inputs()]
+        """The model file is the authority: every manifest input must be what it declares."""
+        graph_inputs = self.session.get_inputs()
         expected = [i["name"] for i in self.manifest["inputs"]]
-        if graph_inputs != expected:
-            raise ArtifactError(f"model inputs {graph_inputs} do not match the manifest's {expected}; re-export the artifact")
+        if [i.name for i in graph_inputs] != expected:
+            raise ArtifactError(
+                f"model inputs {[i.name for i in graph_inputs]} do not match the manifest's {expected}; re-export the artifact"
+            )
+        for index, (spec, declared) in enumerate(zip(self.manifest["inputs"], graph_inputs)):
+            want_type = _ORT_TYPES.get(spec["dtype"])
+            if declared.type != want_type:
+                raise ArtifactError(
+                    f"manifest inputs.{index}.dtype is {spec['dtype']!r} but {self.manifest['model_file']} takes "
+                    f"'{spec['name']}' as {declared.type}; re-export the artifact"
+                )
+            static = [d if isinstance(d, int) else None for d in declared.shape]
+            if len(static) != len(spec["shape"]) or any(d is not None and d != s for d, s in zip(static, spec["shape"])):
+                raise ArtifactError(
+                    f"manifest inputs.{index}.shape is {spec['shape']} but {self.manifest['model_file']} takes "
+                    f"'{spec['name']}' with shape {declared.shape}; re-export the artifact"
+                )
 
     def _device_value(self, array: np.ndarray) -> Any:
         # np.ascontiguousarray would turn a 0-d flag into shape (1,): copy only when needed.

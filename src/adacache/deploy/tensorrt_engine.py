@@ -42,6 +42,20 @@ class TensorRTEngine:
         self._slots: dict[int, tuple[list[Any], list[Any]]] = {}
         self._flags = {v: torch.tensor(v, device="cuda") for v in (False, True)}
         self.reused: dict[str, int] = {c["site"]: 0 for c in self.manifest["controls"]}
+        self._check_engine_io()
+
+    def _check_engine_io(self) -> None:
+        """The engine is the authority: every manifest input must be a tensor it takes, as declared."""
+        for index, spec in enumerate(self.manifest["inputs"]):
+            try:
+                shape = list(self.engine.get_tensor_shape(spec["name"]))
+            except Exception as exc:  # noqa: BLE001 - TensorRT raises its own types for an unknown name
+                raise ArtifactError(f"manifest inputs.{index}: the engine has no tensor '{spec['name']}'; re-export the artifact") from exc
+            if len(shape) != len(spec["shape"]) or any(d >= 0 and d != s for d, s in zip(shape, spec["shape"])):
+                raise ArtifactError(
+                    f"manifest inputs.{index}.shape is {spec['shape']} but the engine takes '{spec['name']}' with shape {shape}; "
+                    "re-export the artifact"
+                )
 
     def _dtype(self, name: str) -> Any:
         return getattr(self._torch, name)
