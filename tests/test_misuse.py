@@ -5,6 +5,7 @@ One test per case of the issue; each failed on the code before its fix.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -385,3 +386,97 @@ def test_the_schema_knows_every_schedule_kind_and_dtype_the_runtime_knows():
     defs = manifest_schema()["$defs"]
     assert tuple(defs["schedule"]["properties"]["kind"]["enum"]) == stepping.SCHEDULE_KINDS
     assert set(defs["dtype"]["enum"]) == set(_NUMPY_DTYPES)
+
+
+# -- 14. a non-finite input at a reuse step ----------------------------------------------
+
+NAN_POLICIES = {
+    "fora": adacache.FORA(interval=3),
+    "fora_module": adacache.FORA(interval=3, granularity="module"),
+    "first_block_cache": adacache.FirstBlockCache(1.5),
+    "taylorseer": adacache.TaylorSeer(order=1, interval=3),
+    "adacorrection": adacache.AdaCorrection(base=adacache.FORA(interval=3), veto=1.0),
+}
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+
+@pytest.mark.parametrize("policy", list(NAN_POLICIES.values()), ids=list(NAN_POLICIES))
+@pytest.mark.parametrize("family, field", [("tiny_dit", "x"), ("sd3", "hidden_states"), ("sd3", "encoder_hidden_states")])
+def test_a_non_finite_input_at_a_reuse_step_gives_the_models_own_output(family, field, policy):
+    # It used to be hidden: the reused features were finite, so was the output, while the
+    # model's own output was NaN (FORA over SD3 with a NaN in the text embedding).
+    model, inputs, _ = FAMILIES[family]()
+    timesteps = [999.0, 990.0, 980.0, 970.0, 960.0, 950.0]
+    nan_step = 2
+
+    def run(poison: bool) -> tuple[list[int], torch.Tensor]:
+        compiled = adacache.compile(model, policy)
+        reused, out_at_nan = [], None
+        with torch.no_grad():
+            compiled.adacache.new_request(total_steps=len(timesteps))
+            for step, t in enumerate(timesteps):
+                kw = inputs(torch.tensor(t))
+                if poison and step == nan_step:
+                    kw[field] = kw[field].clone()
+                    kw[field].view(-1)[3] = float("nan")
+                before = _reused(compiled)
+                out = _first(compiled(**kw))
+                reused.append(_reused(compiled) - before)
+                if poison and step == nan_step:
+                    out_at_nan = out
+                    torch.testing.assert_close(out, _first(model(**kw)), rtol=0, atol=0, equal_nan=True)
+        return reused, out_at_nan
+
+    clean, _ = run(poison=False)
+    assert clean[nan_step] > 0, "with finite inputs the policy reuses at this step, or the test proves nothing"
+    poisoned, out = run(poison=True)
+    assert not torch.isfinite(out).all()
+    assert poisoned[nan_step] == 0
+    assert sum(poisoned[nan_step + 1 :]) > 0, "reuse goes on after the non-finite step"
+
+
+def _reused(compiled: Any) -> int:
+    return sum(r for r, _ in compiled.adacache.current_session().stats.totals().values())
+
+
+def test_a_non_finite_input_in_the_onnx_engine_gives_a_non_finite_output(artifact):
+    _, inputs, _ = FAMILIES["tiny_dit"]()
+    engine = adacache.load(artifact, provider="cpu")
+    engine.new_request()
+    for step, t in enumerate([999.0, 950.0, 900.0]):
+        feeds = {k: v.numpy().copy() for k, v in inputs(torch.tensor(t)).items()}
+        if step == 2:
+            feeds["x"].reshape(-1)[3] = np.nan
+        out = engine(**feeds)["output_0"]
+    assert engine.reused["site_0"] == 1, "step 1 reused, step 2 (not finite) computed"
+    assert not np.isfinite(out).all()
+
+
+# -- 15. calibrated scales on another model -------------------------------------------------
+
+def test_scales_calibrated_on_one_model_are_refused_on_another_with_the_same_blocks():
+    # They used to run on any model whose block names matched, without a word.
+    from helpers import denoise, moving
+
+    model, still, _ = FAMILIES["tiny_dit"]()
+    inputs = moving(still)
+    fitted = adacache.calibrate(model, adacache.AdaCorrection(base=adacache.FORA(interval=3), veto=0.4),
+                                lambda d: denoise(d, inputs, steps=6))
+    assert fitted.calibrated_on is not None and "calibrated_on" not in fitted.describe()
+    denoise(adacache.compile(model, fitted), inputs)  # its own model: fine
+    half = FAMILIES["tiny_dit"]()[0].to(torch.float64)  # the same weights in another dtype: fine
+    denoise(adacache.compile(half, fitted), lambda t: {k: v.double() if v.is_floating_point() else v for k, v in inputs(t).items()})
+
+    other = FAMILIES["tiny_dit"]()[0]
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.1)  # same architecture and block names, other weights (another checkpoint)
+    with pytest.raises(adacache.PolicyError, match="calibrated on another model") as info:
+        adacache.compile(other, fitted)
+    assert "adacache.calibrate" in str(info.value) and "calibrated_on=None" in str(info.value)
+    adacache.compile(other, dataclasses.replace(fitted, calibrated_on=None))  # the user's explicit choice
+    by_hand = adacache.AdaCorrection(base=adacache.FORA(interval=3), scales=dict(fitted.scales))
+    adacache.compile(other, by_hand)  # scales given by hand carry no model: nothing to check

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import operator
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import fx
 
 import adacache
 from adacache.capture import capture
-from adacache.passes import find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites
+from adacache.passes import find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites, require_finite_inputs
 from adacache.passes.lower import _python_binding, branch, drop_state_copies
 from adacache.policies.base import span_label
 from adacache.runtime.program import copy_graph_module
@@ -57,28 +58,30 @@ def test_find_blocks_tags_exactly_the_block_nodes():
 # The pinned shape of the rewritten graph. A change here is a change of the IR that
 # every backend consumes: update it on purpose, never to make a test pass.
 FORA_TINY_DIT = [
-    "input x", "input timestep", "input class_labels", "input allow__* x1", "input cache__* x2", "ops x19",
-    "and(allow__site_0, cache__site_0__valid)", "ops x2", "cond site_0_reuse_pred ? site_0_reuse : site_0_compute",
+    "input x", "input timestep", "input class_labels", "input allow__* x1", "input cache__* x2", "all_finite(x, timestep)", "ops x19",
+    "and(allow__site_0, cache__site_0__valid)", "ops x2", "and(site_0_reuse_pred, user_inputs_finite)",
+    "cond site_0_reuse_if_finite ? site_0_reuse : site_0_compute",
     "ops x15", "output x4",
 ]
 FBCACHE_TINY_DIT = [
-    "input x", "input timestep", "input class_labels", "input allow__* x1", "input cache__* x4", "ops x19",
+    "input x", "input timestep", "input class_labels", "input allow__* x1", "input cache__* x4", "all_finite(x, timestep)", "ops x19",
     "call site_0", "ops x1", "residual_of(_, _)", "offset_score(residual_of, cache__site_0__0)", "all_finite(residual_of)",
     "and(allow__site_1, cache__site_1__valid)", "below(offset_score)", "and(below, cache__site_0__valid)",
-    "and(and_, and__1)", "ops x2", "cond site_1_reuse_pred ? site_1_reuse : site_1_compute",
-    "blend(site_1_reuse_pred, cache__site_0__0, residual_of)", "blend(site_1_reuse_pred, cache__site_0__valid, all_finite)",
+    "and(and_, and__1)", "ops x2", "and(site_1_reuse_pred, user_inputs_finite)",
+    "cond site_1_reuse_if_finite ? site_1_reuse : site_1_compute",
+    "blend(site_1_reuse_if_finite, cache__site_0__0, residual_of)", "blend(site_1_reuse_if_finite, cache__site_0__valid, all_finite)",
     "block blocks.3 [41 nodes]", "ops x15", "output x7",
 ]
 # AdaCorrection decides per block: per site one score against the stored input and its
 # scale, one fused predicate, one cond. Every node here runs at every step, so an extra one
 # is a cost on every block (the reason this is pinned).
 ADACORRECTION_TINY_DIT = [
-    "input x", "input timestep", "input class_labels", "input allow__* x4", "input cache__* x16", "ops x19",
+    "input x", "input timestep", "input class_labels", "input allow__* x4", "input cache__* x16", "all_finite(x, timestep)", "ops x19",
     *[item for i in range(4) for item in (
         f"and(allow__site_{i}, cache__site_{i}__valid)",
         f"adacorrection_score(_, cache__site_{i}__in, cache__site_{i}__in_scale)",
         f"offset_decision({'and_' if i == 0 else f'and__{i}'}, cache__site_{i}__valid, adacorrection_score{'' if i == 0 else f'_{i}'})",
-        "ops x2", f"cond site_{i}_reuse_pred ? site_{i}_reuse : site_{i}_compute")],
+        "ops x2", f"and(site_{i}_reuse_pred, user_inputs_finite)", f"cond site_{i}_reuse_if_finite ? site_{i}_reuse : site_{i}_compute")],
     "ops x15", "output x25",
 ]
 ORIGINAL_TINY_DIT = [
@@ -147,6 +150,29 @@ def test_eager_lowering_swaps_only_the_conds():
     changed = [(a, b) for a, b in zip(before, after) if a != b]
     assert len(changed) == 4  # one cond per block
     assert all(a[1] is torch.ops.higher_order.cond and b[1] is branch for a, b in changed)
+
+
+def test_finite_inputs_pass_guards_every_cond_with_one_check_of_the_floating_user_inputs():
+    model, cap, _ = _captured("tiny_dit")
+    gm = cap.graph_module
+    sites = adacache.FORA(interval=2)._per_unit_sites(find_blocks(gm, model), "output")  # one site per block
+    insert_cache_nodes(outline_sites(gm, sites), sites)
+    before = adacache.graph_structure(gm)
+    require_finite_inputs(gm)
+    checks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is adacache.ops.all_finite and n.name == "user_inputs_finite"]
+    assert len(checks) == 1
+    assert [a.name for a in checks[0].args] == ["x", "timestep"], "floating user inputs only (not class_labels, controls, states)"
+    conds = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == 4
+    for cond in conds:
+        pred = cond.args[0]
+        assert pred.target is operator.and_ and pred.args[1] is checks[0]
+        assert pred in gm.graph.output_node().args[0], "the reused signal reports the guarded decision"
+    after = adacache.graph_structure(gm)
+    assert len(after) == len(before) + 5 and sorted(s for s in after if s not in before) == sorted([
+        "all_finite(x, timestep)", *[f"and(site_{i}_reuse_pred, user_inputs_finite)" for i in range(4)],
+        *[f"cond site_{i}_reuse_if_finite ? site_{i}_reuse : site_{i}_compute" for i in range(4)],
+    ])
 
 
 def test_eager_lowering_drops_only_the_state_copies_cond_forces():

@@ -8,6 +8,8 @@ as a property over random request sequences.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -283,3 +285,71 @@ def test_rising_timesteps_reuse_like_falling_ones(explicit):
     stats = cached.adacache.current_session().stats
     assert stats.generations == 1 and [r.step for r in stats.records][-1] == (5 if explicit else 4)
     assert any(bool(flag) for r in stats.records for flag in r.reused.values())
+
+
+# -- the property, with shapes, batches, mixed rows, resets and sessions -------------------
+
+def _rows(kw: dict, batch: int) -> dict:
+    return {k: v[:batch] for k, v in kw.items()}
+
+
+ACTIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("step"), st.sampled_from([1, 2])),
+        st.tuples(st.just("repeat"), st.sampled_from([1, 2])),  # the same timestep again (CFG's second call)
+        st.tuples(st.just("mixed_rows"), st.just(2)),
+        st.tuples(st.just("reset"), st.just(0)),
+        st.tuples(st.just("session"), st.integers(1, 3)),  # that many steps in a fresh session
+    ),
+    min_size=3, max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actions=ACTIONS, policy_index=st.sampled_from([0, 1]))
+def test_no_call_reuses_a_cache_of_another_request_or_another_shape(actions, policy_index):
+    """A small reference model of what must happen: a reuse reads a cache that the same
+    session filled in the same request, from a call of the same batch size."""
+    model, at = _PROPERTY_MODEL
+    cached = _PROPERTY_COMPILED.setdefault(policy_index, adacache.compile(model, POLICIES[policy_index]))
+    runtime = cached.adacache
+    runtime.new_request()
+    state = {"request": 0, "t": 1000.0, "started": False}
+    filled: dict[tuple[int, int], tuple[int, int]] = {}  # (session, slot) -> (request, batch)
+    sessions = 0  # inner sessions so far; the main one is 0
+
+    def call(t: float, batch: int, session: Any, session_id: int, request: int) -> None:
+        before = len(session.stats.records)
+        cached(**_rows(at(t), batch))
+        assert len(session.stats.records) == before + 1
+        record = session.stats.records[-1]
+        if any(bool(flag) for flag in record.reused.values()):
+            assert filled.get((session_id, record.slot)) == (request, batch), (
+                f"t={t} batch={batch} reused slot {record.slot} filled by {filled.get((session_id, record.slot))}"
+            )
+        else:
+            filled[(session_id, record.slot)] = (request, batch)
+
+    with torch.no_grad():
+        main = runtime.current_session()
+        for kind, arg in actions:
+            if kind == "reset":
+                runtime.reset()
+                state.update(request=state["request"] + 1, t=1000.0, started=False)
+            elif kind in ("step", "repeat"):
+                if kind == "step" or not state["started"]:
+                    state["t"] -= 50.0
+                state["started"] = True
+                call(state["t"], arg, main, 0, state["request"])
+            elif kind == "mixed_rows":
+                before = len(main.stats.records)
+                kw = at(state["t"] - 50.0)
+                kw["timestep"] = torch.tensor([state["t"] - 50.0, 1000.0])
+                with pytest.raises(adacache.SessionError, match="different timesteps"):
+                    cached(**kw)
+                assert len(main.stats.records) == before, "a refused call takes no step"
+            else:  # a fresh session: its own request, its own caches; the main one is untouched
+                sessions += 1
+                with runtime.session() as inner:
+                    for i in range(arg):
+                        call(1000.0 - 50.0 * (i + 1), 2, inner, sessions, 0)

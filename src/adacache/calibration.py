@@ -15,7 +15,7 @@ from .api import compile as compile_model
 from .api import session
 from .errors import PolicyError
 from .policies.adacorrection import AdaCorrection
-from .policies.base import Policy, SitePlan
+from .policies.base import Policy, SitePlan, weight_signature
 from .policies.teacache import TeaCache
 from .runtime.module import Runtime
 from .stepping import StepTracker
@@ -63,7 +63,7 @@ def calibrate(model: nn.Module, policy: Policy, run: Callable[[nn.Module], Any],
         if isinstance(policy.base, TeaCache):
             # The base first: AdaCorrection's scales are fitted on top of the fitted gate.
             policy = dataclasses.replace(policy, base=_calibrate_teacache(model, policy.base, run, degree))
-        return dataclasses.replace(policy, scales=fit_offset_scales(model, policy, run))
+        return dataclasses.replace(policy, scales=fit_offset_scales(model, policy, run), calibrated_on=weight_signature(model))
     raise PolicyError(f"calibrate fits TeaCache and AdaCorrection; {type(policy).__name__} has nothing to calibrate")
 
 

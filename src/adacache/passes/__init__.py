@@ -7,10 +7,13 @@ Order, in the spirit of PT2E quantization (annotate -> insert -> lower):
    attention / feed-forward call) out into a child module.
 3. :func:`insert_cache_nodes` wraps each site in ``cache_load`` / ``offset_score`` /
    ``blend`` nodes and a ``cond``, with the cache state as explicit graph inputs/outputs.
-4. :func:`lower_cond_to_python` (eager) or nothing (``torch.compile``, ONNX) lowers it.
+4. :func:`require_finite_inputs` makes every site compute on a call whose inputs are not
+   finite (a reused site would hide the NaN).
+5. :func:`lower_cond_to_python` (eager) or nothing (``torch.compile``, ONNX) lowers it.
 """
 
 from .find_blocks import find_blocks
+from .finite_inputs import require_finite_inputs
 from .insert_cache import CacheLayout, StateSpec, insert_cache_nodes, outline_sites
 from .lower import branch, lower_cond_to_python
 from .outline import outline_region
@@ -26,4 +29,5 @@ __all__ = [
     "lower_cond_to_python",
     "outline_region",
     "outline_sites",
+    "require_finite_inputs",
 ]

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from ..errors import PolicyError
 from ..passes.regions import Region
 from ..validate import policy_number
-from .base import OffsetRule, Policy, SitePlan, check, policy_dataclass, span_label
+from .base import OffsetRule, Policy, SitePlan, check, policy_dataclass, same_weights, span_label, weight_signature
 from .first_block import FirstBlockCache
 from .static import NoCache
 
@@ -64,6 +64,8 @@ class AdaCorrection(Policy):
     scales: dict[str, float] = dataclasses.field(default_factory=dict, hash=False)
     reuse: Literal["residual", "base"] = "residual"
     unit: Literal["block", "span"] = "block"
+    # Set by adacache.calibrate: the weights the scales were fitted on (see check_model).
+    calibrated_on: tuple[float, ...] | None = dataclasses.field(default=None, repr=False, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         name = "AdaCorrection"
@@ -91,6 +93,24 @@ class AdaCorrection(Policy):
         })
         check(self.reuse in ("residual", "base"), name, f"reuse must be 'residual' or 'base', got {self.reuse!r}")
         check(self.unit in ("block", "span"), name, f"unit must be 'block' or 'span', got {self.unit!r}")
+        if self.calibrated_on is not None:
+            check(isinstance(self.calibrated_on, (tuple, list)), name,
+                  f"calibrated_on is set by adacache.calibrate (a weight signature) or None, got {self.calibrated_on!r}")
+            object.__setattr__(self, "calibrated_on", tuple(
+                policy_number(name, "calibrated_on[i]", v) for v in self.calibrated_on))
+
+    def check_model(self, model: Any) -> None:
+        """Scales fitted on one model say nothing about another with the same block names."""
+        self.base.check_model(model)
+        if not self.scales or self.calibrated_on is None:
+            return  # raw scores, or scales given by hand: the user's choice
+        current = weight_signature(model)
+        if current is not None and not same_weights(self.calibrated_on, current):
+            raise PolicyError(
+                f"AdaCorrection's scales were calibrated on another model than this {type(model).__name__} "
+                "(same block names, other weights): re-run adacache.calibrate on this model, or pass "
+                "dataclasses.replace(policy, calibrated_on=None) to use these scales anyway"
+            )
 
     @property
     def granularity(self) -> str:  # type: ignore[override]

@@ -142,6 +142,42 @@ def check(condition: bool, policy: str, message: str) -> None:
         raise PolicyError(f"{policy}: {message}")
 
 
+def weight_signature(model: Any) -> tuple[float, ...] | None:
+    """A few numbers that tell one model's weights from another's, to check that parameters
+    fitted on one model (calibration) are used on that model.
+
+    For up to 16 weight tensors spread over the model: the sum and the absolute sum of a
+    strided sample of 64 elements. Cheap (about 2,000 numbers read), independent of the
+    weights' dtype and device, and different for another checkpoint of the same
+    architecture. ``None`` when the weights are not materialised (meta tensors).
+    """
+    import torch
+
+    named = [(n, p) for n, p in model.named_parameters() if p.dim() >= 2] or list(model.named_parameters())
+    if not named or any(p.is_meta for _, p in named):
+        return None
+    picks = named[:: max(1, len(named) // 16)][:16]
+    out: list[float] = []
+    with torch.no_grad():
+        for _, param in picks:
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.float64)
+            out += [float(sample.sum()), float(sample.abs().sum())]
+    return tuple(out)
+
+
+def same_weights(fitted: tuple[float, ...], current: tuple[float, ...], rtol: float = 1e-2) -> bool:
+    """Whether two :func:`weight_signature` results come from the same weights (any dtype:
+    bfloat16 rounds each sampled value by < 0.4%)."""
+    if len(fitted) != len(current):
+        return False
+    for (s0, a0), (s1, a1) in zip(zip(fitted[::2], fitted[1::2]), zip(current[::2], current[1::2])):
+        scale = rtol * max(a0, a1) + 1e-12
+        if abs(s0 - s1) > scale or abs(a0 - a1) > scale:
+            return False
+    return True
+
+
 class Policy:
     """Base of every caching policy. Subclasses are declared with :func:`policy_dataclass`."""
 
@@ -167,9 +203,16 @@ class Policy:
         """Whether ``site`` may reuse its cache at this step (the in-graph checks still apply)."""
         return stepping.allow_reuse(self.schedule(site), ctx.step)
 
+    def check_model(self, model: Any) -> None:
+        """Refuse a model this policy's parameters were not made for (raise :class:`PolicyError`).
+
+        Called once by ``adacache.compile``. Policies whose parameters were fitted on a model
+        (calibrated scales) override it; the default accepts any model.
+        """
+
     def describe(self) -> str:
         """``FORA(interval=3, warmup=1)``: the policy and its parameters."""
-        params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr)  # type: ignore[arg-type]
         return f"{type(self).__name__}({params})"
 
     def to_dict(self) -> dict[str, Any]:

@@ -101,5 +101,8 @@ class ZCache(Policy):
     def plan(self, blocks: list[Region]) -> list[SitePlan]:
         return self.base.plan(blocks)
 
+    def check_model(self, model: Any) -> None:
+        self.base.check_model(model)
+
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return self.base.schedule(site)

@@ -79,6 +79,7 @@ class Runtime:
             raise TypeError(f"policy must be an adacache policy (FORA, FirstBlockCache, ...), got {type(policy).__name__}")
         if backend not in policy.backends:
             raise ValueError(f"{type(policy).__name__} cannot run on backend {backend!r}; it supports {policy.backends}")
+        policy.check_model(model)
         guards.install_registration_hooks()
         self.model = model
         self.policy = policy

@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from ..capture import CapturedGraph, capture
 from ..passes.lower import bind_operators, drop_state_copies, hoist_attributes
-from ..passes import CacheLayout, Region, find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites
+from ..passes import CacheLayout, Region, find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites, require_finite_inputs
 from ..policies.base import Policy, SitePlan
 
 
@@ -74,6 +74,7 @@ def build_program(
     sites = policy.plan(found)
     outline_sites(gm, sites)
     insert_cache_nodes(gm, sites)
+    require_finite_inputs(gm)
     layout: CacheLayout = gm.meta["adacache"]
     portable = gm
     if backend == "eager":
