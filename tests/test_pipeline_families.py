@@ -16,10 +16,7 @@ from pipelines import PIPELINES, TinyPipeline, run, shared  # noqa: E402
 # Families whose capture fails today; the capture issue covers them.
 CAPTURE_FAILS = {"lumina2": "torch.export of Lumina2's transformer fails (unhashable non-nested SymInt) - capture issue"}
 # Families whose blocks cannot yet be spanned by a caching policy.
-SPAN_FAILS = {
-    name: f"{name}'s block containers are interleaved with other code, so one span over all blocks cannot be outlined - capture issue"
-    for name in ("aura_flow", "hunyuan_video")
-}
+SPAN_FAILS: dict[str, str] = {}
 #: Steps for the caching test where the default 4 leave too few per expert to reuse anything.
 CACHING_STEPS = {"wan22": 8}
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from ..errors import NotEligibleError
-from .regions import Region, build_region, is_compute_node
+from .regions import Region, build_region, is_compute_node, tensor_meta
 
 BLOCK_CONTAINERS = (
     "transformer_blocks",
@@ -125,6 +125,14 @@ def find_blocks(
             rejected.append(f"{path}: {region.reason}")
             continue
         blocks.append(region)
+    if any(_carries_tokens(b) for b in blocks):
+        # A guidance or timestep MLP kept in a container named `layers`, beside the real
+        # stack, is not a transformer block: spanning it would fold the conditioning into
+        # the cache and make it FirstBlockCache's probe.
+        for block in [b for b in blocks if not _carries_tokens(b)]:
+            shapes = [list(tensor_meta(o).shape) for o in block.outputs]
+            rejected.append(f"{block.name}: its outputs {shapes} are not token sequences (batch, tokens, ...) as the other blocks' are")
+            blocks.remove(block)
     blocks.sort(key=lambda r: order[r.nodes[0]])
     if not blocks:
         searched = (
@@ -144,6 +152,11 @@ def find_blocks(
         if with_submodules:
             block.submodules = _find_submodules(block, order)
     return blocks
+
+
+def _carries_tokens(region: Region) -> bool:
+    """Whether the block's streams are sequences (at least batch x tokens x channels)."""
+    return all(tensor_meta(o) is not None and tensor_meta(o).dim() >= 3 for o in region.outputs)
 
 
 def _find_submodules(block: Region, order: dict[fx.Node, int]) -> list[Region]:

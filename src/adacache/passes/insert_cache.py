@@ -26,9 +26,11 @@ import torch
 from torch import fx, nn
 
 from .. import ops
+from ..errors import NotEligibleError
 from .hoist import hoist_probe
 from .outline import outline_region, region_parameters
 from .regions import Region, build_region, is_compute_node, tensor_meta
+from .span import span_hull, take_trailing_slices
 
 if TYPE_CHECKING:  # policies import passes.regions; only the type is needed here
     from ..policies.base import SitePlan
@@ -71,17 +73,19 @@ class CacheLayout:
 def outline_sites(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphModule:
     """Cut every site's regions out into one child module ``<site.name>`` called once."""
     for site in sites:
-        nodes = [n for region in site.regions for n in region.nodes]
-        order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_compute_node(n))}
-        nodes.sort(key=order.__getitem__)
+        # A span's blocks may have code between them: the site covers their hull.
+        nodes = span_hull(gm, [n for region in site.regions for n in region.nodes])
         if site.probe is not None:
             site.probe = hoist_probe(gm, Region(site.label, site.name, "site", nodes), site.probe)
-            order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_compute_node(n))}
+        order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_compute_node(n))}
         region = build_region(site.label, site.name, "site", nodes, order)
+        if site.reuse == "residual":
+            region = take_trailing_slices(gm, region, site.label, site.name, "site")
         if not region.eligible:
-            raise AssertionError(f"site {site.label} cannot be outlined: {region.reason}")
-        if site.reuse == "residual" and not region.is_residual:
-            raise AssertionError(f"site {site.label} has outputs without a residual stream")
+            raise NotEligibleError(
+                f"cache site {site.label} cannot be cut out of the graph: {region.reason}. Pass blocks= "
+                "to choose other blocks, or a per-block policy (granularity='module' or AdaCorrection)"
+            )
         site.regions = (region,)
         site.params = tuple(str(p.target) for p in region_parameters(region))
         outline_region(gm, region, site.name)
@@ -123,7 +127,7 @@ def _outputs_of(graph: fx.Graph, call: fx.Node, count: int) -> list[fx.Node]:
 def _score_index(region: Region) -> int:
     """Which input of a site its offset score reads: the residual stream, else the first tensor."""
     if region.streams:
-        return region.streams[0]
+        return region.streams[min(region.streams)]
     return next(i for i, n in enumerate(region.inputs) if tensor_meta(n) is not None)
 
 
@@ -138,10 +142,30 @@ def _dense(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
 
 def _fresh_state(graph: fx.Graph, site: SitePlan, region: Region, inputs: list[fx.Node], outs: list[fx.Node]) -> list[fx.Node]:
     """The cache a computed step leaves behind, in the site's reuse form."""
-    if site.reuse == "residual":
-        return [graph.call_function(ops.residual_of, (outs[i], inputs[region.streams[i]])) for i in range(len(outs))]
-    # The cache must not alias the output it came from (cond branches may not return aliases).
-    return [graph.call_method("clone", (o,), {"memory_format": torch.contiguous_format}) for o in outs]
+    return [
+        graph.call_function(ops.residual_of, (out, inputs[region.streams[i]])) if _is_residual(site, region, i)
+        # The cache must not alias the output it came from (cond branches may not return aliases).
+        else graph.call_method("clone", (out,), {"memory_format": torch.contiguous_format})
+        for i, out in enumerate(outs)
+    ]
+
+
+def _is_residual(site: SitePlan, region: Region, output: int) -> bool:
+    """Whether ``output`` is cached as a residual (``output - stream``) or as itself.
+
+    ``residual`` sites cache each output that has a stream as a residual; an output without
+    one (a span ending in a result no input has the shape of) is cached as itself.
+    """
+    return site.reuse == "residual" and output in region.streams
+
+
+def _load(graph: fx.Graph, site: SitePlan, region: Region, inputs: list[fx.Node], cached: list[fx.Node], copy: bool) -> list[fx.Node]:
+    """The outputs a reuse rebuilds from the cached values (residuals added to their streams)."""
+    return [
+        graph.call_function(ops.cache_load, (inputs[region.streams[i]], c)) if _is_residual(site, region, i)
+        else (graph.call_method("clone", (c,)) if copy else c)
+        for i, c in enumerate(cached)
+    ]
 
 
 def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphModule:
@@ -262,8 +286,7 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
                     stale = [g.call_function(ops.taylor_forecast, (ps[n_params], *st[i * n_terms : (i + 1) * n_terms])) for i in range(n_out)]
                 else:
                     stale = [st[i * n_terms] for i in range(n_out)]
-                if site.reuse == "residual":
-                    stale = [g.call_function(ops.cache_load, (ins[region.streams[i]], c)) for i, c in enumerate(stale)]
+                stale = _load(g, site, region, ins, stale, copy=False)
                 outs = [g.call_function(ops.correct, (weight, c, o)) for c, o in zip(stale, outs)]
             kept_in = []
             if site.offset is not None:
@@ -288,10 +311,7 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
                 cached = [g.call_function(ops.taylor_forecast, (coef, *st[i * n_terms : (i + 1) * n_terms])) for i in range(n_out)]
             else:
                 cached = st[:n_out]
-            if site.reuse == "residual":
-                outs = [g.call_function(ops.cache_load, (ins[region.streams[i]], cached[i])) for i in range(n_out)]
-            else:
-                outs = [g.call_method("clone", (c,)) for c in cached]
+            outs = _load(g, site, region, ins, cached, copy=True)
             # cond branches may not return their inputs: hand back a copy of the cache. The copy
             # is tagged so that the eager lowering, which has no such rule, can drop it.
             kept = [g.call_method("clone", (s,), {"memory_format": torch.contiguous_format}) for s in st]
