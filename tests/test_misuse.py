@@ -480,3 +480,28 @@ def test_scales_calibrated_on_one_model_are_refused_on_another_with_the_same_blo
     adacache.compile(other, dataclasses.replace(fitted, calibrated_on=None))  # the user's explicit choice
     by_hand = adacache.AdaCorrection(base=adacache.FORA(interval=3), scales=dict(fitted.scales))
     adacache.compile(other, by_hand)  # scales given by hand carry no model: nothing to check
+
+
+# -- 16. blocks that are not a plain stack ----------------------------------------------------
+
+def test_a_unet_gets_a_clear_error_or_runs_on_the_blocks_named():
+    # It used to raise an internal AssertionError ("cannot be outlined"); the residual-outside
+    # loop (x = x + block(x)) now runs: tests/test_spans.py.
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=4,
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(adacache.NotEligibleError, match="blocks="):
+        adacache.compile(unet, adacache.FORA(interval=2))(x, torch.tensor([999.0, 999.0]))
+    with pytest.raises(adacache.NotEligibleError, match="not a residual block"):
+        adacache.compile(unet, adacache.FORA(interval=2), blocks="down_blocks.*")(x, torch.tensor([999.0, 999.0]))
+    compiled = adacache.compile(unet, adacache.FORA(interval=2), blocks="down_blocks.*.resnets.*")
+    with torch.no_grad():
+        compiled.adacache.new_request(total_steps=3)
+        for t in (999.0, 900.0, 800.0):
+            out = compiled(x, torch.tensor([t, t])).sample
+    assert torch.isfinite(out).all() and adacache.summary(compiled).hit_rate > 0
