@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from ..errors import NotEligibleError
-from .regions import Region, build_region, is_compute_node, tensor_meta
+from .regions import Region, build_region, compute_order, is_compute_node, tensor_meta
 
 BLOCK_CONTAINERS = (
     "transformer_blocks",
@@ -106,7 +106,7 @@ def find_blocks(
             each candidate was rejected.
     """
     names = candidate_block_names(model, pattern)
-    order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_compute_node(n))}
+    order = compute_order(gm)
     compute = [n for n in gm.graph.nodes if is_compute_node(n)]
     groups = _group(compute, set(names))
     blocks: list[Region] = []

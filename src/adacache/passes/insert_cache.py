@@ -29,7 +29,7 @@ from .. import ops
 from ..errors import NotEligibleError
 from .hoist import hoist_probe
 from .outline import outline_region, region_parameters
-from .regions import Region, build_region, is_compute_node, tensor_meta
+from .regions import Region, build_region, compute_order, tensor_meta
 from .span import span_hull, take_trailing_slices
 
 if TYPE_CHECKING:  # policies import passes.regions; only the type is needed here
@@ -77,8 +77,7 @@ def outline_sites(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphModule:
         nodes = span_hull(gm, [n for region in site.regions for n in region.nodes])
         if site.probe is not None:
             site.probe = hoist_probe(gm, Region(site.label, site.name, "site", nodes), site.probe)
-        order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_compute_node(n))}
-        region = build_region(site.label, site.name, "site", nodes, order)
+        region = build_region(site.label, site.name, "site", nodes, compute_order(gm))
         if site.reuse == "residual":
             region = take_trailing_slices(gm, region, site.label, site.name, "site")
         if not region.eligible:

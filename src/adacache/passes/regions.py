@@ -37,6 +37,11 @@ def is_compute_node(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method", "call_module")
 
 
+def compute_order(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Each compute node's position among the compute nodes of ``gm``, in graph order."""
+    return {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_compute_node(n))}
+
+
 @dataclass
 class Region:
     """One call of one module, as a contiguous span of graph nodes.

@@ -25,14 +25,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from .regions import _STREAM_OPS, Region, build_region, is_compute_node
+from .regions import _STREAM_OPS, Region, build_region, compute_order, is_compute_node
 
 # How many trailing slicing nodes a span may take in to end on its inputs' shapes.
 _MAX_TRAILING = 8
-
-
-def _compute_order(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(n for n in gm.graph.nodes if is_compute_node(n))}
 
 
 def span_hull(gm: fx.GraphModule, members: list[fx.Node]) -> list[fx.Node]:
@@ -42,7 +38,7 @@ def span_hull(gm: fx.GraphModule, members: list[fx.Node]) -> list[fx.Node]:
     topological order is kept: each moved node only reads nodes before the hull or moved
     before it). Returns ``members`` plus the glue that depends on them.
     """
-    order = _compute_order(gm)
+    order = compute_order(gm)
     member_set = set(members)
     ordered = sorted(member_set, key=order.__getitem__)
     if order[ordered[-1]] - order[ordered[0]] + 1 == len(ordered):
@@ -77,7 +73,7 @@ def take_trailing_slices(gm: fx.GraphModule, region: Region, name: str, key: str
             return region
         missing = [o for i, o in enumerate(region.outputs) if i not in region.streams]
         members = set(region.nodes)
-        order = _compute_order(gm)
+        order = compute_order(gm)
         start = order[region.nodes[0]]
         taken = None
         for out in missing:
@@ -94,5 +90,5 @@ def take_trailing_slices(gm: fx.GraphModule, region: Region, name: str, key: str
             return region
         region.nodes[-1].append(taken)
         nodes = [*region.nodes, taken]
-        region = build_region(name, key, module_type, nodes, _compute_order(gm))
+        region = build_region(name, key, module_type, nodes, compute_order(gm))
     return region
