@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..capture.isolation import isolated_export
 from ..deploy.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from ..errors import ExportError
 from ..runtime.module import TIMESTEP_NAMES, Runtime
@@ -112,8 +113,10 @@ def export_onnx(
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         with torch.no_grad():
-            onnx_program = torch.onnx.export(
-                wrapper,
+            # On a structural copy, one export at a time: the program's weights are the
+            # model's, which other threads may be running (capture/isolation.py).
+            onnx_program = isolated_export(lambda tree: torch.onnx.export(
+                tree,
                 tuple([*user_tensors, *controls, *states]),
                 dynamo=True,
                 input_names=input_names,
@@ -121,7 +124,7 @@ def export_onnx(
                 opset_version=opset,
                 optimize=optimize,
                 verbose=False,
-            )
+            ), wrapper)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise ExportError(f"torch.onnx.export failed for {cached.policy.describe()}: {exc}") from exc
     model_file = "model.onnx"
@@ -175,6 +178,7 @@ def export_plain_onnx(model: nn.Module, path: str | Path, example_inputs: tuple[
     """Export the *uncached* model the same way, as the baseline for speed comparisons."""
     args, kwargs = example_inputs
     with torch.no_grad():
-        program = torch.onnx.export(model, tuple(args), kwargs=kwargs, dynamo=True, optimize=True, verbose=False)
+        program = isolated_export(
+            lambda tree: torch.onnx.export(tree, tuple(args), kwargs=kwargs, dynamo=True, optimize=True, verbose=False), model)
     program.save(str(path))
     return Path(path)

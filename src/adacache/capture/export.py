@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from ..errors import CaptureError
+from .isolation import isolated_export
 
 
 @dataclass(frozen=True)
@@ -184,16 +185,27 @@ def capture(
 ) -> CapturedGraph:
     """Capture ``model(*args, **kwargs)`` as a flat FX graph with ``torch.export`` (non-strict).
 
+    The model's own ``forward`` is traced (one set on the instance, as accelerate's offload
+    hooks do, is bypassed), on a copy of its module tree that shares its tensors.
+
     Raises:
         CaptureError: export failed; the message keeps the exporter's diagnostic and names
             the submodule whose code raised, and the inputs it was called with.
     """
     kwargs = dict(kwargs or {})
+    traced: list[nn.Module] = []
+
+    def export(tree: nn.Module) -> torch.export.ExportedProgram:
+        traced.append(tree)
+        return torch.export.export(tree, tuple(args), kwargs, strict=False)
+
     try:
         with torch.no_grad():
-            exported = torch.export.export(model, tuple(args), kwargs, strict=False)
+            # The exporter traces a structural copy: the user's model is never touched, so
+            # other threads may go on running it (see capture/isolation.py).
+            exported = isolated_export(export, model)
     except Exception as exc:  # noqa: BLE001 - re-raised with context below
-        where = _module_in_traceback(model, exc)
+        where = _module_in_traceback(traced[0] if traced else model, exc)
         where_msg = f" inside submodule '{where}'" if where else ""
         tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         raise CaptureError(

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import ArtifactError
 from ..stepping import StepTracker, allow_reuse, forecast_controls, mixed_timesteps_message
 from .manifest import read_manifest
+from .requests import PerThreadRequests, RequestState, reused_sites
 
 _NUMPY_DTYPES = {
     "float32": np.float32, "float16": np.float16, "float64": np.float64, "bfloat16": None,
@@ -62,6 +63,10 @@ class OnnxEngine:
     Call it with the model's tensor inputs as numpy arrays, by name (``engine(x=..., timestep=...,
     class_labels=...)``); it returns a dict of output name -> numpy array. Steps, CFG slots and
     generations are recognised from the timestep input exactly as ``adacache.compile`` does.
+
+    Threads may share an engine: each thread has its own request (step tracker, caches and
+    reuse counters, see :mod:`adacache.deploy.requests`), and a call that fails inside ONNX
+    Runtime leaves its thread's request as it was.
     """
 
     def __init__(self, directory: str | Path, provider: str = "auto", session_options: Any = None) -> None:
@@ -79,14 +84,33 @@ class OnnxEngine:
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self._ort = ort
-        self.tracker = StepTracker()
         self.inputs = [i for i in self.manifest["inputs"] if i["role"] == "user"]
         self.outputs = [o for o in self.manifest["outputs"] if o["role"] == "user"]
-        self._slots: dict[int, _SlotBuffers] = {}
         self._flags = {v: self._device_value(np.array(v)) for v in (False, True)}
-        self.reused: dict[str, int] = {c["site"]: 0 for c in self.manifest["controls"]}
-        self.calls = 0
+        self.requests: PerThreadRequests[_SlotBuffers] = PerThreadRequests(
+            [c["site"] for c in self.manifest["controls"]], lambda: _SlotBuffers(self._bind_slot()))
         self._check_model_io()
+
+    # -- this thread's request ------------------------------------------------------------
+    @property
+    def request(self) -> RequestState["_SlotBuffers"]:
+        """The calling thread's request state."""
+        return self.requests.current()
+
+    @property
+    def tracker(self) -> StepTracker:
+        """The calling thread's step tracker."""
+        return self.request.tracker
+
+    @property
+    def reused(self) -> dict[str, int]:
+        """Reuses per site in the calling thread's calls."""
+        return self.request.reused
+
+    @property
+    def calls(self) -> int:
+        """Calls made by the calling thread that ran."""
+        return self.request.calls
 
     # -- setup --------------------------------------------------------------------------
     def _check_model_io(self) -> None:
@@ -131,9 +155,9 @@ class OnnxEngine:
 
     def new_request(self) -> None:
         """The next call starts a new request: nothing cached before it is reused, whatever
-        its timestep. Call it before each generation when the engine serves several."""
-        self.tracker.begin_request()
-        self._slots.clear()
+        its timestep. Call it before each generation when the engine serves several (it
+        applies to the calling thread's request)."""
+        self.request.begin_request()
 
     def _check_inputs(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         names = [i["name"] for i in self.inputs]
@@ -169,12 +193,8 @@ class OnnxEngine:
 
     def __call__(self, **feeds: Any) -> dict[str, np.ndarray]:
         arrays = self._check_inputs(feeds)
-        if StepTracker.starts_fresh(self.tracker.advance(self._timestep(arrays))):
-            self._slots.clear()
-        slot = self.tracker.slot
-        if slot not in self._slots:
-            self._slots[slot] = _SlotBuffers(self._bind_slot())
-        buffers = self._slots[slot]
+        planned = self.requests.plan(self._timestep(arrays))  # committed only once the run succeeded
+        buffers = planned.buffers
         binding = buffers.bindings[buffers.parity]
 
         for name, array in arrays.items():
@@ -185,11 +205,11 @@ class OnnxEngine:
         schedules = self.manifest["schedules"]
         forecast = self.manifest.get("forecast")
         if forecast:
-            coef, update = forecast_controls(schedules[forecast["schedule_of"]], self.tracker.step, forecast["order"])
+            coef, update = forecast_controls(schedules[forecast["schedule_of"]], planned.step, forecast["order"])
             binding.bind_ortvalue_input(forecast["coef"], self._device_value(np.asarray(coef, dtype=np.float32)))
             binding.bind_ortvalue_input(forecast["update"], self._device_value(np.asarray(update, dtype=np.float32)))
         for control in self.manifest["controls"]:
-            allowed = allow_reuse(schedules[control["site"]], self.tracker.step)
+            allowed = allow_reuse(schedules[control["site"]], planned.step)
             binding.bind_ortvalue_input(control["name"], self._flags[allowed])
         self.session.run_with_iobinding(binding)
         results = binding.get_outputs()
@@ -199,11 +219,9 @@ class OnnxEngine:
         # calls later: copy, or a result the caller kept would change under it. (On a GPU
         # provider numpy() already copies to the host.)
         user = {o["name"]: _owned(v.numpy(), self.device) for o, v in zip(self.outputs, results[:n_user])}
-        for signal, value in zip(self.manifest["signals"], results[n_user + n_state :]):
-            if signal["kind"] == "reused" and bool(value.numpy()):
-                self.reused[signal["site"]] += 1
+        reused = reused_sites(self.manifest["signals"], [v.numpy() for v in results[n_user + n_state :]])
         buffers.parity ^= 1  # the outputs just written are the next call's inputs
-        self.calls += 1
+        planned.commit(buffers, reused)
         return user
 
     def _bind_slot(self) -> tuple[Any, Any]:

@@ -7,16 +7,23 @@ input and output cache buffers swap after each call, so cache state never leaves
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, SessionError
 from ..stepping import StepTracker, allow_reuse, forecast_controls, mixed_timesteps_message
 from .manifest import read_manifest
+from .requests import PerThreadRequests, reused_sites
 
 
 class TensorRTEngine:
-    """Same calling convention as :class:`~adacache.deploy.onnx_engine.OnnxEngine`."""
+    """Same calling convention as :class:`~adacache.deploy.onnx_engine.OnnxEngine`.
+
+    One thread per engine: a TensorRT execution context is not thread-safe, so a call from a
+    thread other than the first caller's raises :class:`~adacache.SessionError` (load one
+    engine per thread). A call that fails leaves the request as it was.
+    """
 
     def __init__(self, directory: str | Path) -> None:
         try:
@@ -36,13 +43,33 @@ class TensorRTEngine:
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         self.provider = "TensorRT"
-        self.tracker = StepTracker()
         self.inputs = [i for i in self.manifest["inputs"] if i["role"] == "user"]
         self.outputs = [o for o in self.manifest["outputs"] if o["role"] == "user"]
-        self._slots: dict[int, tuple[list[Any], list[Any]]] = {}
         self._flags = {v: torch.tensor(v, device="cuda") for v in (False, True)}
-        self.reused: dict[str, int] = {c["site"]: 0 for c in self.manifest["controls"]}
+        self.requests: PerThreadRequests[tuple[list[Any], list[Any]]] = PerThreadRequests(
+            [c["site"] for c in self.manifest["controls"]], lambda: (self._buffers(), self._buffers()))
+        self._owner: int | None = None
         self._check_engine_io()
+
+    @property
+    def tracker(self) -> StepTracker:
+        """The request's step tracker."""
+        return self.requests.current().tracker
+
+    @property
+    def reused(self) -> dict[str, int]:
+        """Reuses per site."""
+        return self.requests.current().reused
+
+    def _check_thread(self) -> None:
+        ident = threading.get_ident()
+        if self._owner is None:
+            self._owner = ident
+        elif self._owner != ident:
+            raise SessionError(
+                "this TensorRTEngine is used by another thread: a TensorRT execution context is not thread-safe, "
+                "and the request it serves is that thread's. Load one engine per thread (adacache.load(path) in each)"
+            )
 
     def _check_engine_io(self) -> None:
         """The engine is the authority: every manifest input must be a tensor it takes, as declared."""
@@ -69,8 +96,8 @@ class TensorRTEngine:
 
     def new_request(self) -> None:
         """The next call starts a new request, whatever its timestep (see the ONNX engine)."""
-        self.tracker.begin_request()
-        self._slots.clear()
+        self._check_thread()
+        self.requests.current().begin_request()
 
     @staticmethod
     def _row_timestep(value: Any) -> float | None:
@@ -83,6 +110,7 @@ class TensorRTEngine:
         return low
 
     def __call__(self, **feeds: Any) -> dict[str, Any]:
+        self._check_thread()
         torch = self._torch
         names = [i["name"] for i in self.inputs]
         if sorted(feeds) != sorted(names):
@@ -94,25 +122,21 @@ class TensorRTEngine:
                 raise ArtifactError(f"input '{spec['name']}' is {value.dtype}{list(value.shape)}, the artifact expects {spec['dtype']}{spec['shape']}")
             tensors[spec["name"]] = value.contiguous()
         timestep = self.manifest.get("timestep_input")
-        if StepTracker.starts_fresh(self.tracker.advance(self._row_timestep(tensors[timestep]) if timestep else None)):
-            self._slots.clear()
-        slot = self.tracker.slot
-        if slot not in self._slots:
-            self._slots[slot] = (self._buffers(), self._buffers())
-        current, spare = self._slots[slot]
+        planned = self.requests.plan(self._row_timestep(tensors[timestep]) if timestep else None)  # committed after the run
+        current, spare = planned.buffers
         ctx = self.context
         for name, value in tensors.items():
             ctx.set_tensor_address(name, value.data_ptr())
         forecast = self.manifest.get("forecast")
         keep_alive = []
         if forecast:
-            coef, update = forecast_controls(self.manifest["schedules"][forecast["schedule_of"]], self.tracker.step, forecast["order"])
+            coef, update = forecast_controls(self.manifest["schedules"][forecast["schedule_of"]], planned.step, forecast["order"])
             for name, values in ((forecast["coef"], coef), (forecast["update"], update)):
                 tensor = torch.tensor(values, dtype=torch.float32, device="cuda")
                 keep_alive.append(tensor)
                 ctx.set_tensor_address(name, tensor.data_ptr())
         for control in self.manifest["controls"]:
-            allowed = allow_reuse(self.manifest["schedules"][control["site"]], self.tracker.step)
+            allowed = allow_reuse(self.manifest["schedules"][control["site"]], planned.step)
             ctx.set_tensor_address(control["name"], self._flags[allowed].data_ptr())
         for state, cur, nxt in zip(self.manifest["states"], current, spare):
             ctx.set_tensor_address(state["name"], cur.data_ptr())
@@ -132,10 +156,8 @@ class TensorRTEngine:
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise ArtifactError("TensorRT execution failed")
         self.stream.synchronize()
-        for signal in self.manifest["signals"]:
-            if signal["kind"] == "reused" and bool(signals[signal["name"]]):
-                self.reused[signal["site"]] += 1
-        self._slots[slot] = (spare, current)
+        reused = reused_sites(self.manifest["signals"], [signals[s["name"]] for s in self.manifest["signals"]])
+        planned.commit((spare, current), reused)
         return {k: v.cpu().numpy() for k, v in outputs.items()}
 
     def _torch_dtype(self, trt_dtype: Any) -> Any:

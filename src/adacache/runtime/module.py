@@ -190,8 +190,7 @@ class Runtime:
                 program = self._programs.get(signature)
                 if program is None:
                     fingerprint, watch = guards.ModelFingerprint.of(self.model), guards.CallWatch.of(self.model)
-                    with _class_forward(self.model):
-                        program = build_program(self.model, self.policy, args, kwargs, blocks=self.blocks, backend=self.backend)
+                    program = build_program(self.model, self.policy, args, kwargs, blocks=self.blocks, backend=self.backend)
                     program.fingerprint = fingerprint
                     program.checked_epoch = guards.registration_epoch()
                     program.watch = watch
@@ -322,24 +321,6 @@ def compiled_view(model: nn.Module, runtime: Runtime) -> CachedModule:
     view = object.__new__(cls)
     object.__setattr__(view, "__dict__", model.__dict__)  # one state, two faces
     return view
-
-
-@contextlib.contextmanager
-def _class_forward(model: nn.Module) -> Iterator[None]:
-    """Capture the model's own ``forward`` even where a wrapper replaced it on the instance.
-
-    accelerate's hooks (``enable_model_cpu_offload``, ``device_map``) set ``forward`` on the
-    module they wrap; on a compiled view that dictionary is the model's too, so capturing
-    through it would run the compiled view from inside its own capture. The wrapper's work
-    (moving weights to the execution device) happens around the compiled call anyway.
-    """
-    state = vars(model)
-    replaced = state.pop("forward", None)
-    try:
-        yield
-    finally:
-        if replaced is not None:
-            state["forward"] = replaced
 
 
 def plain_model(model: CachedModule) -> nn.Module:

@@ -113,11 +113,13 @@ class Session:
                 "this adacache session belongs to another thread; concurrent requests need one "
                 "session each (enter `with adacache.session(model):` in each thread)"
             )
-        position = copy.copy(self.tracker)
+        # A call that fails leaves no trace: a retry is the same call, in the same slot, with
+        # the caches it would have had (the CFG pair's other call never takes its place).
+        position, slots, total_steps = copy.copy(self.tracker), dict(self.slots), self.total_steps
         try:
             return self._call(args, kwargs)
         except BaseException:
-            self.tracker = position  # a call that failed took no step: a retry is the same call
+            self.tracker, self.slots, self.total_steps = position, slots, total_steps
             raise
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
