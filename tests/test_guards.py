@@ -123,6 +123,18 @@ class _HalfAttention:
         return tuple(o * 0.5 for o in out) if isinstance(out, tuple) else out * 0.5
 
 
+class _ScaledAttention(_HalfAttention):
+    """A processor with a plain setting its ``__call__`` reads (as IP-Adapter's ``scale``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 1.0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask)
+        return tuple(o * self.scale for o in out) if isinstance(out, tuple) else out * self.scale
+
+
 def test_attention_processor_set_after_compile_is_used():
     model, inputs, compiled, before = _compiled_after_one_request()
     model.set_attn_processor(_HalfAttention())
@@ -219,7 +231,8 @@ def test_compiled_view_shares_state_and_uncompile_gives_the_model_back():
         adacache.compile(compiled, adacache.NoCache())
 
 
-@pytest.mark.parametrize("change", ["fuse_lora", "set_adapters", "disable_adapters", "set_attn_processor", "train"])
+@pytest.mark.parametrize("change", ["fuse_lora", "set_adapters", "disable_adapters", "set_attn_processor",
+                                    "processor_setting", "train"])
 def test_a_change_in_the_middle_of_a_request_is_seen_at_the_next_call(change):
     """A step callback that changes the model without registering anything: the very next
     call follows it (fusing would otherwise apply the LoRA twice: merged weights and branch)."""
@@ -227,6 +240,9 @@ def test_a_change_in_the_middle_of_a_request_is_seen_at_the_next_call(change):
     model, inputs = _sd3()
     _lora(model, "a")
     _lora(model, "b")
+    processor = _ScaledAttention()
+    if change == "processor_setting":
+        model.set_attn_processor(processor)
     compiled = adacache.compile(model, adacache.NoCache())
     compiled.adacache.new_request()
     with torch.no_grad():
@@ -239,6 +255,8 @@ def test_a_change_in_the_middle_of_a_request_is_seen_at_the_next_call(change):
             model.disable_adapters()
         elif change == "set_attn_processor":
             model.set_attn_processor(_HalfAttention())
+        elif change == "processor_setting":  # an IP-Adapter scale schedule in a step callback
+            processor.scale = 0.25
         else:
             model.train()
         got = compiled(**inputs(T2)).sample

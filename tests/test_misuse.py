@@ -349,6 +349,10 @@ MANIFEST_EDITS = [
     ("signals.0", _set("signals", [{"name": "x", "site": "site_0"}])),
     ("surprise", _set("surprise", 1)),
     ("outputs.0.role", _set("outputs.0.role", "bonus")),
+    # issue 28: the engine reused step 0's features at every later step
+    ("schedules.site_0.kind", _set("schedules.site_0", {"kind": "after_warmup", "warmup": 0})),
+    # issue 28: said "written with version 1, this adacache reads version 1"
+    ("format_version", _set("format_version", "1")),
 ]
 
 
@@ -358,6 +362,16 @@ def test_manifest_outside_the_schema_is_refused_naming_the_field(artifact, tmp_p
     with pytest.raises(ArtifactError) as info:
         adacache.load(broken, provider="cpu")
     assert field in str(info.value), f"the error should name {field!r}: {info.value}"
+
+
+def test_a_forecast_order_edited_in_a_manifest_is_refused_at_load(tmp_path):
+    """Issue 28: it failed at the first call, inside ONNX Runtime."""
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    path = adacache.export(adacache.compile(model, adacache.TaylorSeer(order=1, interval=3)), tmp_path / "ts",
+                           example_inputs=((), inputs(T0)))
+    broken = _copy(path, tmp_path / "broken", _set("forecast.order", 3))
+    with pytest.raises(ArtifactError, match=r"forecast\.order: 3 needs 4 coefficients"):
+        adacache.load(broken, provider="cpu")
 
 
 def test_every_manifest_adacache_writes_is_inside_the_schema(tmp_path):
@@ -505,3 +519,43 @@ def test_a_unet_gets_a_clear_error_or_runs_on_the_blocks_named():
         for t in (999.0, 900.0, 800.0):
             out = compiled(x, torch.tensor([t, t])).sample
     assert torch.isfinite(out).all() and adacache.summary(compiled).hit_rate > 0
+
+
+# -- issue 28: unclear errors made clear ---------------------------------------------------
+
+def test_a_nan_timestep_in_every_row_gives_the_models_own_output(artifact):
+    """It was reported as "rows carry different timesteps (nan ... nan)", in eager and in the
+    engine; the README promises the model's own output for a non-finite input."""
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    compiled = adacache.compile(model, adacache.FORA(interval=3))
+    engine = adacache.load(artifact, provider="cpu")
+    nan = torch.tensor(float("nan"))
+    with torch.no_grad():
+        for t in (T0, torch.tensor(930.0)):  # step 1 reused; step 2 would reuse too
+            compiled(**inputs(t))
+            engine(**{k: v.numpy() for k, v in inputs(t).items()})
+        got = compiled(**inputs(nan))
+        want = model(**inputs(nan))
+        from_engine = engine(**{k: v.numpy() for k, v in inputs(nan).items()})["output_0"]
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    assert np.isnan(from_engine).any() and from_engine.shape == tuple(want.shape)
+    np.testing.assert_allclose(from_engine, want.numpy(), rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_pickling_a_compiled_pipeline_is_a_clear_type_error():
+    pytest.importorskip("diffusers")
+    import pickle
+
+    from pipelines import shared
+
+    with pytest.raises(TypeError, match="cannot be pickled.*adacache.uncompile"):
+        pickle.dumps(adacache.compile(shared("flux").pipe, adacache.FORA(interval=2)))
+
+
+def test_a_policy_changed_behind_its_frozen_fields_is_refused_at_compile():
+    """It divided by zero at the first call."""
+    model, _, _ = FAMILIES["tiny_dit"]()
+    policy = adacache.FORA(interval=3)
+    object.__setattr__(policy, "interval", 0)
+    with pytest.raises(PolicyError, match="interval"):
+        adacache.compile(model, policy)

@@ -8,6 +8,7 @@ as a property over random request sequences.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -353,3 +354,55 @@ def test_no_call_reuses_a_cache_of_another_request_or_another_shape(actions, pol
                 with runtime.session() as inner:
                     for i in range(arg):
                         call(1000.0 - 50.0 * (i + 1), 2, inner, sessions, 0)
+
+
+# -- a timestep input under another name --------------------------------------------------
+
+class _NoiseLevelModel(torch.nn.Module):
+    """The tiny DiT behind a forward whose timestep input is called ``noise_level``."""
+
+    def __init__(self, dit: torch.nn.Module) -> None:
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x: torch.Tensor, noise_level: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.dit(x=x, timestep=noise_level, class_labels=class_labels)
+
+
+def _cfg_request(compiled, inputs, name: str) -> list[torch.Tensor]:
+    """CFG as two calls per step (the uncond call with another latent), one explicit request."""
+    out = []
+    compiled.adacache.new_request()
+    with torch.no_grad():
+        for t in (999.0, 979.0, 959.0, 939.0, 919.0, 899.0):
+            kw = inputs(torch.tensor(t))
+            timestep = kw.pop("timestep")
+            for scale in (1.0, 0.5):
+                out.append(compiled(**dict(kw, x=kw["x"] * scale), **{name: timestep}))
+    return out
+
+
+def test_a_timestep_input_under_another_name_can_be_named_and_is_warned_about_otherwise():
+    """Issue 28, cause 6: with ``noise_level`` unrecognised, every call counted as a step and
+    the uncond call reused the cond call's features (1.2-2.5 off), without a word."""
+    from families import FAMILIES
+
+    dit, inputs, _ = FAMILIES["tiny_dit"]()
+    policy = adacache.FORA(interval=2)
+    expected = _cfg_request(adacache.compile(dit, policy), inputs, "timestep")
+    named = adacache.compile(_NoiseLevelModel(dit), policy, timestep_arg="noise_level")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", adacache.TimestepWarning)
+        got = _cfg_request(named, inputs, "noise_level")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+    unnamed = adacache.compile(_NoiseLevelModel(dit), policy)
+    with pytest.warns(adacache.TimestepWarning, match="timestep_arg='noise_level'"):
+        wrong = _cfg_request(unnamed, inputs, "noise_level")
+    assert not all(torch.equal(a, b) for a, b in zip(wrong, expected)), "the hazard the warning is about"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", adacache.TimestepWarning)
+        _cfg_request(unnamed, inputs, "noise_level")  # once per model
+
+    with pytest.raises(adacache.PolicyError, match="not an input of _NoiseLevelModel.forward"):
+        adacache.compile(_NoiseLevelModel(dit), policy, timestep_arg="sigma_level")

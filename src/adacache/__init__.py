@@ -37,6 +37,7 @@ _EXPORTS = {
     "ArtifactError": "adacache.errors",
     "InputError": "adacache.errors",
     "RequestBoundaryWarning": "adacache.errors",
+    "TimestepWarning": "adacache.errors",
     "Summary": "adacache.report",
     "graph_diff": "adacache.report",
     "graph_structure": "adacache.report",

@@ -24,6 +24,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     blocks: str | Sequence[str] | None = None,
     backend: str = "eager",
     example_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    timestep_arg: str | None = None,
 ) -> Any:
     """Cache the transformer blocks of a model, or of every denoiser of a diffusers pipeline.
 
@@ -39,6 +40,10 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
             graph; the skip decision is a graph input, so it never re-traces).
         example_inputs: ``(args, kwargs)`` to capture with now (a model only); otherwise the
             first call's inputs are used.
+        timestep_arg: the name of the input that carries the timestep (or noise level), when
+            it is none of ``timestep``, ``timesteps``, ``t``, ``sigma``, ``sigmas``. Steps, CFG
+            slots and requests are told apart by it; a model called without a recognised one
+            warns once (``adacache.TimestepWarning``) and counts each call as a step.
 
     Returns:
         For a model: the compiled model, an instance of a subclass of the model's class that
@@ -48,7 +53,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
         :func:`uncompile` gives back the plain model or pipeline.
     """
     def runtime_for(module: nn.Module) -> Runtime:
-        return Runtime(module, policy, blocks=blocks, backend=backend)
+        return Runtime(module, policy, blocks=blocks, backend=backend, timestep_arg=timestep_arg)
 
     if is_pipeline(model):
         if example_inputs is not None:

@@ -39,3 +39,8 @@ class InputError(AdaCacheError, TypeError):
 class RequestBoundaryWarning(UserWarning):
     """A compiled model runs where request boundaries can only be inferred from the timestep
     although an explicit boundary was at hand (a diffusers pipeline that is not compiled)."""
+
+
+class TimestepWarning(UserWarning):
+    """A compiled model was called without a timestep input adacache recognises, so each call
+    counts as one denoising step (name it with ``adacache.compile(..., timestep_arg=...)``)."""

@@ -20,7 +20,7 @@ from torch import fx, nn
 from ..capture.isolation import isolated_export
 from ..deploy.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from ..errors import ExportError
-from ..runtime.module import TIMESTEP_NAMES, Runtime
+from ..runtime.module import Runtime
 from ..runtime.program import Program
 
 
@@ -130,7 +130,7 @@ def export_onnx(
     model_file = "model.onnx"
     onnx_program.save(str(out_dir / model_file))
 
-    timestep_input = next((n for n in user_names if n in TIMESTEP_NAMES), None)
+    timestep_input = next((n for n in user_names if n in cached.timestep_names), None)
     sites = {s.name: s for s in layout.sites}
     manifest = {
         "format": FORMAT,

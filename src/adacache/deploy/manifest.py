@@ -69,6 +69,11 @@ def check_manifest(manifest: Any, directory: str | Path) -> None:
     if manifest.get("format") != FORMAT and "format" in manifest:
         raise ArtifactError(f"{where} has format {manifest['format']!r}, expected {FORMAT!r}: it is not an adacache artifact")
     version = manifest.get("format_version")
+    if version is not None and type(version) is not int:  # "1" would read as the same version
+        raise ArtifactError(
+            f"{where}: format_version is {version!r} ({type(version).__name__}), but it must be the integer "
+            f"{FORMAT_VERSION}; {_REEXPORT}"
+        )
     if version is not None and version != FORMAT_VERSION:
         raise ArtifactError(
             f"{where} was written with artifact format version {version}, this adacache reads "
@@ -148,6 +153,12 @@ def _reference_problems(manifest: dict[str, Any]) -> Iterator[str]:
                 yield f"forecast.{key}: {forecast[key]!r} is not a control input"
         if forecast["schedule_of"] not in schedules:
             yield f"forecast.schedule_of: {forecast['schedule_of']!r} has no schedule"
+        # One coefficient per stored difference: the graph's control inputs fix the order.
+        for key in ("coef", "update"):
+            spec = inputs.get(forecast[key], (None, {}))[1]
+            if spec.get("role") == "control" and spec.get("shape") != [forecast["order"] + 1]:
+                yield (f"forecast.order: {forecast['order']} needs {forecast['order'] + 1} coefficients, but the control "
+                       f"input '{forecast[key]}' holds {spec.get('shape')}")
     for i, signal in enumerate(manifest["signals"]):
         if outputs.get(signal["name"], {}).get("role") != "signal":
             yield f"signals.{i}.name: {signal['name']!r} is not a signal output"
@@ -159,6 +170,13 @@ def _reference_problems(manifest: dict[str, Any]) -> Iterator[str]:
         for i, site in enumerate(manifest["sites"]):
             if site.get("gated_by") is not None and site["gated_by"] not in sites:
                 yield f"sites.{i}.gated_by: {site['gated_by']!r} is not a site of this artifact"
+            # 'after_warmup' hands every decision after the warmup to a gate inside the graph
+            # (a probe's threshold); on a site without one the engine would reuse the same
+            # features at every later step.
+            schedule = schedules.get(site["name"], {})
+            if schedule.get("kind") == "after_warmup" and site.get("gated_by") is None and site.get("threshold") is None:
+                yield (f"schedules.{site['name']}.kind: 'after_warmup' leaves each step's decision to an in-graph gate, "
+                       f"but site {site['name']!r} has none (no gated_by, no threshold): it would reuse at every step")
     timestep = manifest.get("timestep_input")
     if timestep is not None and inputs.get(timestep, (None, {}))[1].get("role") != "user":
         users = [n for n, (_, s) in inputs.items() if s["role"] == "user"]

@@ -187,6 +187,8 @@ class OnnxEngine:
         if not value.size:
             return None
         low, high = float(value.min()), float(value.max())
+        if not (np.isfinite(low) and np.isfinite(high)):
+            return None  # computed in full (the graph never reuses for a non-finite input); no place in the schedule
         if low != high:
             raise ArtifactError(mixed_timesteps_message(low, high))
         return low

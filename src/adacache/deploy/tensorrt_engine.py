@@ -7,6 +7,7 @@ input and output cache buffers swap after each call, so cache state never leaves
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,8 @@ class TensorRTEngine:
         if not flat.numel():
             return None
         low, high = (float(v) for v in flat.aminmax())
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return None  # computed in full (the graph never reuses for a non-finite input); no place in the schedule
         if low != high:
             raise ArtifactError(mixed_timesteps_message(low, high))
         return low

@@ -203,6 +203,16 @@ class Policy:
         """Whether ``site`` may reuse its cache at this step (the in-graph checks still apply)."""
         return stepping.allow_reuse(self.schedule(site), ctx.step)
 
+    def check_parameters(self) -> None:
+        """Check the parameters again, as when the policy was made (raise :class:`PolicyError`).
+
+        Policies are frozen, but ``object.__setattr__`` reaches behind that; ``adacache.compile``
+        calls this so that a value changed since construction is refused there, not at a step.
+        """
+        post_init = getattr(self, "__post_init__", None)
+        if post_init is not None:
+            post_init()
+
     def check_model(self, model: Any) -> None:
         """Refuse a model this policy's parameters were not made for (raise :class:`PolicyError`).
 

@@ -190,7 +190,8 @@ def _copy(value: Any) -> Any:
 @dataclass
 class CallWatch:
     """What changes that register nothing write, read at every call: cheap where the
-    fingerprint is not (a handful of attributes, plus four per PEFT layer). Module
+    fingerprint is not (a handful of attributes, four per PEFT layer, and the plain settings
+    of each attention processor object). Module
     attributes are read from the module's ``__dict__`` directly (``getattr`` on a module
     walks its class hierarchy first)."""
 
@@ -202,10 +203,19 @@ class CallWatch:
     def of(cls, model: nn.Module) -> "CallWatch":
         processors: list[tuple[dict[str, Any], Any]] = []
         values: list[tuple[dict[str, Any], str, Any]] = [(vars(model), "training", model.training)]
+        seen_processors: set[int] = set()
         for module in model.modules():
             state = vars(module)
-            if state.get("processor") is not None:
-                processors.append((state, state["processor"]))
+            processor = state.get("processor")
+            if processor is not None:
+                processors.append((state, processor))
+                if not isinstance(processor, nn.Module) and id(processor) not in seen_processors:
+                    # A processor's settings (an IP-Adapter scale a step callback schedules)
+                    # are read by the traced forward as constants: watch them like PEFT's.
+                    seen_processors.add(id(processor))
+                    settings = vars(processor) if hasattr(processor, "__dict__") else {}
+                    plain = {name for name, *_ in _plain_attributes(processor)} if settings else set()
+                    values += [(settings, name, _copy(settings[name])) for name in plain]
             if "merged_adapters" in state:  # a PEFT tuner layer
                 values += [(state, name, _copy(state.get(name, _MISSING))) for name in _PEFT_LAYER_STATE]
         first = next(model.parameters(), None)  # .to(dtype / device) converts every parameter in place

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import sys
 import threading
 import warnings
@@ -39,7 +40,7 @@ from torch import nn
 
 from .. import stepping
 from ..capture import InputSignature, signature_of
-from ..errors import InputError, RequestBoundaryWarning, SessionError
+from ..errors import InputError, PolicyError, RequestBoundaryWarning, SessionError, TimestepWarning
 from ..policies.base import Policy, StepContext
 from . import guards
 from .program import Program, build_program
@@ -72,6 +73,7 @@ class Runtime:
         blocks: str | Sequence[str] | None = None,
         backend: str = "eager",
         max_programs: int = 8,
+        timestep_arg: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"adacache.compile expects a torch.nn.Module or a diffusers pipeline, got {type(model).__name__}")
@@ -79,6 +81,7 @@ class Runtime:
             raise TypeError(f"policy must be an adacache policy (FORA, FirstBlockCache, ...), got {type(policy).__name__}")
         if backend not in policy.backends:
             raise ValueError(f"{type(policy).__name__} cannot run on backend {backend!r}; it supports {policy.backends}")
+        policy.check_parameters()
         policy.check_model(model)
         guards.install_registration_hooks()
         self.model = model
@@ -92,8 +95,12 @@ class Runtime:
         self._local = threading.local()
         self._flags: dict[tuple[bool, torch.device], torch.Tensor] = {}
         self._forecast: dict[tuple[int, torch.device], list[torch.Tensor]] = {}
-        self._timestep_index = _positional_index(model, TIMESTEP_NAMES)
+        self.timestep_arg = _checked_timestep_arg(model, timestep_arg)
+        #: The input names read as the call's timestep: the one named at compile, or the usual ones.
+        self.timestep_names: tuple[str, ...] = (timestep_arg,) if timestep_arg else TIMESTEP_NAMES
+        self._timestep_index = _positional_index(model, self.timestep_names)
         self._warned_plain_pipeline = False
+        self._warned_no_timestep = False
 
     # -- sessions ---------------------------------------------------------------------
     def _stack(self) -> list[Session]:
@@ -228,16 +235,25 @@ class Runtime:
 
     def timestep_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
         """The call's timestep as a Python number (one per call: rows must agree)."""
-        value = next((kwargs[n] for n in TIMESTEP_NAMES if n in kwargs), None)
+        value = next((kwargs[n] for n in self.timestep_names if n in kwargs), None)
         if value is None and self._timestep_index is not None and len(args) > self._timestep_index:
             value = args[self._timestep_index]
         if value is None:
+            self._warn_no_timestep()
             return None
         if isinstance(value, torch.Tensor):
             if value.numel() <= 1:
-                return float(value) if value.numel() else None
-            low, high = value.detach().reshape(-1).aminmax()
-            low, high = float(low), float(high)  # the aminmax above is one kernel; these read it
+                if not value.numel():
+                    return None
+                low = high = float(value)
+            else:
+                low_t, high_t = value.detach().reshape(-1).aminmax()
+                low, high = float(low_t), float(high_t)  # the aminmax above is one kernel; these read it
+            if not (math.isfinite(low) and math.isfinite(high)):
+                # A NaN or infinite timestep: the call computes every site (a non-finite input
+                # is never served from a cache) and returns the model's own output; it holds
+                # no place in the schedule.
+                return None
             if low != high:
                 raise SessionError(stepping.mixed_timesteps_message(low, high))
             return low
@@ -247,6 +263,22 @@ class Runtime:
             f"the timestep input is a {type(value).__name__} ({value!r}), not a tensor: adacache captures one graph per "
             "input signature, which includes non-tensor values, so every step would capture a new graph and nothing "
             f"would be reused. Pass it as a tensor: torch.tensor({value!r}) or torch.full((batch,), {value!r})"
+        )
+
+    def _warn_no_timestep(self) -> None:
+        """Once per model: without a timestep each call is a step, so the two calls of a CFG
+        pair are two steps and the second reuses the first's features."""
+        if self._warned_no_timestep:
+            return
+        self._warned_no_timestep = True
+        names = ", ".join(self.timestep_names)
+        warnings.warn(
+            f"{type(self.model).__name__} was called without a timestep input adacache recognises (looked for: {names}), "
+            "so each call counts as one denoising step: classifier-free guidance run as two calls would have the second "
+            "call reuse the first one's features, and requests are only told apart by explicit boundaries. Name the "
+            "input that carries the timestep: adacache.compile(model, policy, timestep_arg='noise_level')",
+            TimestepWarning,
+            stacklevel=4,
         )
 
     def controls(self, program: Program, ctx: StepContext, device: torch.device) -> list[torch.Tensor]:
@@ -293,7 +325,7 @@ class CachedModule(nn.Module):
         runtime = type(self).adacache
         plain = copy.deepcopy(runtime.model, memo)
         return compiled_view(plain, Runtime(plain, runtime.policy, blocks=runtime.blocks, backend=runtime.backend,
-                                            max_programs=runtime.max_programs))
+                                            max_programs=runtime.max_programs, timestep_arg=runtime.timestep_arg))
 
     def __reduce_ex__(self, protocol: int) -> Any:
         raise TypeError(
@@ -326,6 +358,24 @@ def compiled_view(model: nn.Module, runtime: Runtime) -> CachedModule:
 def plain_model(model: CachedModule) -> nn.Module:
     """The user's model object behind a compiled view (same state, its own class)."""
     return type(model).adacache.model
+
+
+def _checked_timestep_arg(model: nn.Module, name: str | None) -> str | None:
+    """``name`` when it is an input of ``model.forward`` (or forward takes ``**kwargs``)."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.isidentifier():
+        raise PolicyError(f"timestep_arg must be the name of the model's timestep input, got {name!r}")
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return name
+    if name in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return name
+    raise PolicyError(
+        f"timestep_arg={name!r} is not an input of {type(model).__name__}.forward (its inputs: {', '.join(params)}); "
+        "name the input that carries the denoising timestep or noise level"
+    )
 
 
 def _positional_index(model: nn.Module, names: Sequence[str]) -> int | None:

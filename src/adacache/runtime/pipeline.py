@@ -110,5 +110,14 @@ def _request_per_call_class(base: type) -> type:
     return type(
         base.__name__,
         (base,),
-        {"__call__": __call__, "_adacache_pipeline_base": base, "__module__": base.__module__, "__qualname__": base.__qualname__},
+        {"__call__": __call__, "__reduce_ex__": _refuse_pickling, "_adacache_pipeline_base": base,
+         "__module__": base.__module__, "__qualname__": base.__qualname__},
+    )
+
+
+def _refuse_pickling(self: Any, protocol: int) -> Any:
+    raise TypeError(
+        f"a compiled {type(self).__name__} cannot be pickled (its class and its denoisers' classes are made at compile "
+        "time); pickle or save the plain pipeline (adacache.uncompile(pipe), or pipe.save_pretrained) and compile it "
+        "again after loading"
     )
