@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from adacache.bench.report import matched_table, quality_table
 from adacache.bench.runner import Row
 from adacache.cli import main
@@ -17,6 +19,9 @@ def test_bench_quick_writes_tables_json_and_plot(tmp_path, capsys):
     names = [r["name"] for r in results["quality"]]
     assert names[0] == "full computation"
     assert "FORA(interval=3)" in names and "FirstBlockCache(0.08)" in names
+    control = next(r for r in results["quality"] if r["name"] == "full computation (control)")
+    assert names[1] == control["name"] and control["speedup"] > 0 and control["speedup_low"] <= control["speedup_high"]
+    assert "speed_unreliable" in control and results["machine"]["settings"]["time_budget_s"] == 60.0
     fora = next(r for r in results["quality"] if r["name"].startswith("FORA"))
     assert fora["speedup"] > 0 and 0 < fora["hit_rate"] < 1 and fora["psnr"] > 0
     assert fora["accuracy"] is not None and fora["fd_digits"] is not None
@@ -109,3 +114,117 @@ def test_goal_check_verdict_and_its_section():
     text = "\n".join(assemble._goal_section(goal))
     assert "| TaylorSeer(order=2, interval=7) | 5.40x | 6.17x | 31.20 | 100.0% | 1066 | met |" in text
     assert "| FORA(interval=8) |" in text and "not met: fd_digits" in text
+
+
+# -- the timing's control, spread and settling (issue 30), driven by an injected clock ------
+
+class _Machine:
+    """A fake machine: each run costs its denoiser's nominal seconds times a load factor that
+    ``load(run_index)`` gives (1 on a quiet machine)."""
+
+    def __init__(self, load=lambda index: 1.0) -> None:
+        self.now, self.runs, self.load = 0.0, 0, load
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, cost: float) -> None:
+        self.now += cost * self.load(self.runs)
+        self.runs += 1
+
+
+def _timing_variants():
+    from adacache.bench import runner
+
+    variants = [runner.Variant("full computation (control)", "control", 1.0),
+                runner.Variant("FORA(interval=3)", "adacache FORA", 1 / 3), runner.Variant("fast", "x", 0.25)]
+    return variants, runner.Variant("full computation", "full", 1.0)
+
+
+def test_a_quiet_machine_settles_at_once_and_the_control_reads_one():
+    from adacache.bench.runner import Settling, time_interleaved
+
+    machine = _Machine()
+    variants, baseline = _timing_variants()
+    timings = time_interleaved(machine.run, variants, baseline, repeats=2, control="full computation (control)",
+                               settle=Settling(time_budget=100.0), clock=machine.clock)
+    assert timings.unreliable is None
+    assert timings.speedup == pytest.approx({"full computation (control)": 1.0, "FORA(interval=3)": 3.0, "fast": 4.0})
+    assert timings.pairs == {name: 3 for name in timings.speedup}, "one round more than asked for: a median of 3"
+    assert timings.spread["fast"] == pytest.approx((4.0, 4.0))
+
+
+def test_a_burst_of_load_during_one_baseline_run_takes_more_pairs_then_settles():
+    """Issue 30's table: one slowed baseline run among two pairs made NoCache read 14.9x."""
+    from adacache.bench.runner import Settling, time_interleaved
+
+    slowed = 1  # run 0 is the untimed warm-up; run 1 is the first pair's baseline
+    machine = _Machine(load=lambda index: 28.0 if index == slowed else 1.0)
+    variants, baseline = _timing_variants()
+    timings = time_interleaved(machine.run, variants, baseline, repeats=2, control="full computation (control)",
+                               settle=Settling(time_budget=100.0), clock=machine.clock)
+    assert timings.unreliable is None
+    assert timings.speedup == pytest.approx({"full computation (control)": 1.0, "FORA(interval=3)": 3.0, "fast": 4.0})
+    assert max(timings.pairs.values()) > 2, "more pairs were taken"
+
+
+def test_a_burst_with_no_budget_is_flagged_not_printed_as_a_speedup():
+    from adacache.bench.runner import Settling, time_interleaved
+
+    machine = _Machine(load=lambda index: 28.0 if index == 1 else 1.0)
+    variants, baseline = _timing_variants()
+    timings = time_interleaved(machine.run, variants, baseline, repeats=2, control="full computation (control)",
+                               settle=Settling(time_budget=0.0), clock=machine.clock)
+    assert timings.speedup["full computation (control)"] > 10, "the reading issue 30 saw"
+    assert "control full computation (control) read" in timings.unreliable and "busy" in timings.unreliable
+
+
+def test_two_pairs_without_budget_are_flagged_as_too_few():
+    from adacache.bench.runner import Settling, time_interleaved
+
+    machine = _Machine()
+    variants, baseline = _timing_variants()
+    timings = time_interleaved(machine.run, variants, baseline, repeats=2, control="full computation (control)",
+                               settle=Settling(time_budget=0.0), clock=machine.clock)
+    assert timings.unreliable is None and set(timings.noisy) == set(timings.speedup)
+    assert all("only 2 paired run(s)" in reason for reason in timings.noisy.values())
+
+
+def test_sustained_noise_is_flagged_within_the_budget():
+    import random
+
+    from adacache.bench.runner import Settling, time_interleaved
+
+    rng = random.Random(0)
+    machine = _Machine(load=lambda index: rng.choice([1.0, 1.0, 3.0, 8.0]))
+    variants, baseline = _timing_variants()
+    timings = time_interleaved(machine.run, variants, baseline, repeats=2, control="full computation (control)",
+                               settle=Settling(time_budget=60.0), clock=machine.clock)
+    assert timings.noisy and all("noisy" in reason for reason in timings.noisy.values())
+    # The initial rounds take about 35 s under this load; a round is let start only when the
+    # average pair so far says it fits, so the extra timing stays near the 60 s budget.
+    assert machine.now < 35.0 + 60.0 + 25.0
+    assert max(timings.pairs.values()) < 30, "and it stopped for the budget, not the round limit"
+
+
+def test_unreliable_speed_is_marked_in_every_table_and_the_json(tmp_path):
+    from adacache.bench.report import overhead_table, quality_table, speed_table, unreliable_speed, write_results
+
+    reason = "control full computation (control) read 14.92x, not 1.00 ± 0.05: the machine was busy"
+    rows = [Row("full computation", "full", 4.0, speedup=1.0, psnr=float("inf")),
+            Row("FORA(interval=3)", "adacache FORA", 4.0, speedup=3.91, speedup_low=3.5, speedup_high=4.2, psnr=41.85,
+                speed_unreliable=reason)]
+    table = quality_table(rows)
+    assert "⚠ **Speed columns unreliable**: " + reason in table
+    assert "| FORA(interval=3) | ⚠ 3.91x [3.50–4.20] | 41.85 |" in table
+    speed = [Row("FORA(interval=3)", "adacache FORA", 0.0, speedup=2.0, note="dit-s", speed_unreliable=reason)]
+    assert "⚠ 2.00x" in speed_table(speed) and reason in speed_table(speed)
+    overhead = [Row("adacache NoCache", "adacache NoCache", 0.0, speedup=0.5, note="dit-s", speed_unreliable=reason,
+                    extra={"overhead": 2.0, "ms_per_step": 1.0})]
+    assert "⚠ 2.000x" in overhead_table(overhead)
+    lines = unreliable_speed(rows, speed, overhead)
+    assert lines == [f"CFG 4.0: FORA(interval=3): {reason}", f"dit-s: FORA(interval=3): {reason}",
+                     f"dit-s: adacache NoCache: {reason}"], "one line per timing run, naming its rows"
+    paths = write_results(tmp_path, rows, speed, {"processor": "test"}, overhead)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["quality"][1]["speed_unreliable"] == reason and saved["quality"][1]["speedup_low"] == 3.5

@@ -83,6 +83,11 @@ def add_bench_parser(sub: Any) -> None:
                    default=50)
     p.add_argument("--guidance", type=finite_float(0.0, why=" (1 = no guidance)"), nargs="*", help="CFG scales (default 4.0 1.5, quick 4.0)")
     p.add_argument("--repeats", type=int_in(1), help="timing repeats; the speedup is the median of paired ratios, each run against a full-computation run just before it (default 3, quick 2)")
+    p.add_argument("--time-budget", type=finite_float(0.0), default=None,
+                   help="seconds each timing run may spend on more pairs when its numbers have not settled: the "
+                   "control (full computation timed against itself) must read 1.00x within 5%% and each variant's "
+                   "paired ratios must not spread wider than 15%% of their median (default 120, quick 60; 0 times "
+                   "only --repeats)")
     p.add_argument("--speed-models", nargs="*", choices=SPEED_MODELS, default=None,
                    help="speed-track models (default dit-s dit-b; none with --quick)")
     p.add_argument("--overhead", action="store_true",
@@ -114,7 +119,7 @@ def parse_bench_policy(text: str) -> Any:
 
 def run_bench(args: argparse.Namespace) -> int:
     from . import report, tracks
-    from .runner import machine_info
+    from .runner import Settling, machine_info
 
     if args.threads is not None:
         import torch
@@ -129,6 +134,7 @@ def run_bench(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=tuple(args.guidance or ((4.0,) if args.quick else (4.0, 1.5))),
         repeats=args.repeats if args.repeats is not None else (2 if args.quick else 3),
+        settle=Settling(time_budget=args.time_budget if args.time_budget is not None else (60.0 if args.quick else 120.0)),
     )
     extra = []
     if args.anchors:
@@ -136,13 +142,17 @@ def run_bench(args: argparse.Namespace) -> int:
     quality = tracks.quality_track(policies, settings, extra)
     speed_models = args.speed_models if args.speed_models is not None else ([] if args.quick else ["dit-s", "dit-b"])
     plain = [(name, p) for name, p in policies if not isinstance(p, tracks.Calibrated)]
-    speed = tracks.speed_track(plain[:3], speed_models, steps=args.steps, repeats=settings.repeats) if speed_models else []
+    speed = (tracks.speed_track(plain[:3], speed_models, steps=args.steps, repeats=settings.repeats, settle=settings.settle)
+             if speed_models else [])
     overhead = []
     if args.overhead or (args.anchors and not args.quick):
-        overhead = tracks.overhead_track(args.overhead_models, steps=min(args.steps, 20), repeats=settings.repeats, anchors=args.anchors)
+        overhead = tracks.overhead_track(args.overhead_models, steps=min(args.steps, 20), repeats=settings.repeats,
+                                         anchors=args.anchors, settle=settings.settle)
     info = machine_info()
     info["elapsed_s"] = round(time.perf_counter() - start, 1)
-    info["settings"] = {"samples": settings.samples, "steps": settings.steps, "guidance": list(settings.guidance), "repeats": settings.repeats}
+    info["settings"] = {"samples": settings.samples, "steps": settings.steps, "guidance": list(settings.guidance), "repeats": settings.repeats,
+                        "time_budget_s": settings.settle.time_budget, "control_tolerance": settings.settle.control_tolerance,
+                        "max_spread": settings.settle.max_spread}
     paths = report.write_results(args.out, quality, speed, info, overhead)
     print(report.quality_table(quality))
     if args.anchors:
@@ -152,6 +162,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if overhead:
         print(report.overhead_table(overhead))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} in {info['elapsed_s']:.0f} s")
+    warnings = report.unreliable_speed(quality, speed, overhead)
+    if warnings:  # last, where a user looks; the numbers are still written, marked
+        print("\nWARNING: speed numbers not to be trusted (marked ⚠ in the tables and speed_unreliable in results.json):")
+        for line in warnings:
+            print(f"  - {line}")
+        print("  Rerun on a quiet machine, or give the timing more time (--time-budget, --repeats).")
     return 0
 
 

@@ -49,6 +49,9 @@ class Row:
     achieved_over_bound: float | None = None
     cache_mib: float | None = None
     peak_mib: float | None = None  # CUDA only: CPU allocations have no per-run peak counter
+    speedup_low: float | None = None  # interquartile range of the paired ratios
+    speedup_high: float | None = None
+    speed_unreliable: str | None = None  # why the timing run's numbers did not settle
     note: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -75,6 +78,27 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Settling:
+    """When a timing run's numbers are trusted, and how much more timing may settle them.
+
+    The *control* is the baseline timed against itself (:func:`control_variant`): its median
+    paired ratio must read 1 within ``control_tolerance``, or the machine was busy while it
+    was timed. A variant's spread is the interquartile range of its paired ratios over their
+    median: wider than ``max_spread``, or measured on fewer than ``min_pairs`` pairs, and the
+    median is not yet a number to print. Until both hold, more rounds are timed (the
+    unsettled variants; every variant when the control is off), for at most ``time_budget``
+    more seconds and ``max_rounds`` rounds in all.
+    """
+
+    control_tolerance: float = 0.05
+    max_spread: float = 0.15
+    time_budget: float = 0.0
+    max_rounds: int = 30
+    #: A median of fewer pairs is decided by one disturbed run (issue 30's table had two).
+    min_pairs: int = 3
+
+
 @dataclass
 class Timings:
     """Wall times of an interleaved run.
@@ -82,12 +106,52 @@ class Timings:
     ``speedup`` is the median over repeats of the *paired* ratio: each run of a variant
     divided into the baseline run timed just before it. A shared machine drifts over a long
     bench (minutes of slow phases); a pair sees the same phase, so the ratio survives it,
-    where a ratio of medians taken at different times would not.
+    where a ratio of medians taken at different times would not. ``spread`` is the
+    interquartile range of each variant's paired ratios, ``pairs`` how many were timed, and
+    ``unreliable`` the reason no number of the run is to be trusted (the control was off),
+    ``noisy`` the reason for each variant whose ratios alone did not settle.
     """
 
     seconds: dict[str, float]
     baseline: float
     speedup: dict[str, float]
+    spread: dict[str, tuple[float, float]] = field(default_factory=dict)
+    pairs: dict[str, int] = field(default_factory=dict)
+    control: str | None = None
+    unreliable: str | None = None
+    noisy: dict[str, str] = field(default_factory=dict)
+
+
+def interquartile(values: Sequence[float]) -> tuple[float, float]:
+    """The first and third quartiles (both the value itself for one value)."""
+    if len(values) < 2:
+        return (values[0], values[0])
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q1, q3)
+
+
+def _unsettled(ratios: dict[str, list[float]], control: str | None, settle: Settling) -> tuple[str | None, dict[str, str]]:
+    """Why the numbers are not yet trusted: the control's reading when it is off (a bias no
+    variant's ratio escapes), and each variant whose paired ratios spread too wide."""
+    control_off = None
+    if control is not None and ratios.get(control):
+        reading = statistics.median(ratios[control])
+        q1, q3 = interquartile(ratios[control])
+        if abs(reading - 1.0) > settle.control_tolerance:
+            control_off = (f"control {control} read {reading:.2f}x [{q1:.2f}–{q3:.2f}], not 1.00 ± "
+                           f"{settle.control_tolerance:.2f}: the machine was busy")
+    wide = {}
+    for name, values in ratios.items():
+        if values and len(values) < settle.min_pairs:
+            wide[name] = (f"only {len(values)} paired run(s), fewer than {settle.min_pairs}: one disturbed run can "
+                          "decide the median")
+        elif values:
+            q1, q3 = interquartile(values)
+            width = (q3 - q1) / statistics.median(values)
+            if width > settle.max_spread:
+                wide[name] = (f"paired ratios spread over {width:.0%} of their median (interquartile), more than "
+                              f"{settle.max_spread:.0%}: the machine was noisy")
+    return control_off, wide
 
 
 def time_interleaved(
@@ -96,33 +160,95 @@ def time_interleaved(
     baseline: Variant,
     repeats: int,
     progress: Any = None,
+    *,
+    control: str | None = None,
+    settle: Settling | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> Timings:
     """Wall time of ``run(denoiser)`` per variant, with the baseline timed just before every
-    variant run, in an order that rotates each round (see :class:`Timings`)."""
+    variant run, in an order that rotates each round (see :class:`Timings`); then more rounds
+    until the numbers settle or the budget is spent (see :class:`Settling`)."""
+    settle = settle or Settling()
+    now = clock or time.perf_counter  # looked up per call: tests replace the module's clock
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     ratios: dict[str, list[float]] = {v.name: [] for v in variants}
     base: list[float] = []
-    for rep in range(repeats):
-        order = list(variants[rep % max(1, len(variants)) :]) + list(variants[: rep % max(1, len(variants))])
-        for variant in order:
-            if variant.error:
-                continue
+    live = [v for v in variants if not v.error]
+
+    def time_round(round_: int, members: Sequence[Variant]) -> None:
+        shift = round_ % max(1, len(members))
+        for variant in list(members[shift:]) + list(members[:shift]):
             pair = []
             for target, sink in ((baseline, base), (variant, times[variant.name])):
                 if target.new_generation:
                     target.new_generation()
-                start = time.perf_counter()
+                start = now()
                 run(target.denoiser)
-                pair.append(time.perf_counter() - start)
+                pair.append(now() - start)
                 sink.append(pair[-1])
             ratios[variant.name].append(pair[0] / pair[1])
             if progress is not None:
                 progress.update(1)
+
+    if live:
+        # One untimed baseline run: the first run after other work (scoring, captures) is
+        # slower, and as the first pair's baseline it would inflate a ratio.
+        if baseline.new_generation:
+            baseline.new_generation()
+        run(baseline.denoiser)
+    for rep in range(repeats):
+        time_round(rep, live)
+    started, round_ = now(), repeats
+    control_off, wide = _unsettled(ratios, control, settle)
+    while (control_off or wide) and round_ < settle.max_rounds:
+        members = live if control_off else [v for v in live if v.name in wide]
+        per_pair = (sum(base) + sum(sum(t) for t in times.values())) / max(1, len(base))
+        if now() - started + per_pair * len(members) > settle.time_budget:
+            break  # another round would overrun the budget
+        time_round(round_, members)
+        round_ += 1
+        control_off, wide = _unsettled(ratios, control, settle)
     return Timings(
         seconds={k: statistics.median(v) for k, v in times.items() if v},
         baseline=statistics.median(base) if base else float("nan"),
         speedup={k: statistics.median(v) for k, v in ratios.items() if v},
+        spread={k: interquartile(v) for k, v in ratios.items() if v},
+        pairs={k: len(v) for k, v in ratios.items() if v},
+        control=control,
+        unreliable=control_off,
+        noisy=wide,
     )
+
+
+CONTROL = "full computation (control)"
+CONTROL_FAMILY = "control"
+
+
+def control_variant(baseline: Variant) -> Variant:
+    """The instrument's control: the baseline timed against itself (an A/A pair), which reads
+    1.00x whenever the machine gives both runs of a pair the same conditions.
+
+    ``NoCache`` is not the control: it runs the captured graph, not the module, and on a small
+    model that alone is measurably faster (1.06-1.09x on the reference model here, docs in
+    BENCHMARKS.md); its ratio is a measurement, the control's is the machine's noise.
+    """
+    return Variant(CONTROL, CONTROL_FAMILY, baseline.denoiser, new_generation=baseline.new_generation)
+
+
+def control_row(timings: Timings, guidance: float = 0.0, note: str | None = None) -> Row:
+    """The control's row: its reading and spread, and whether the run settled."""
+    row = Row(CONTROL, CONTROL_FAMILY, guidance, seconds=timings.seconds.get(CONTROL), note=note)
+    if CONTROL in timings.speedup:
+        apply_timings(row, timings, CONTROL)
+    return row
+
+
+def apply_timings(row: Row, timings: Timings, name: str) -> None:
+    """Copy a variant's speed figures (and the run's reliability) into its row."""
+    row.speedup = timings.speedup[name]
+    row.speedup_low, row.speedup_high = timings.spread[name]
+    row.extra["pairs"] = timings.pairs[name]
+    row.speed_unreliable = timings.unreliable or timings.noisy.get(name)
 
 
 def policy_variant(model: torch.nn.Module, policy: Policy, name: str | None = None, backend: str = "eager") -> Variant:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ import adacache
 from adacache.errors import PolicyError
 from adacache.policies.base import Policy
 
-from .runner import Row, Variant, policy_variant, time_interleaved
+from .runner import Row, Settling, Variant, apply_timings, control_row, control_variant, policy_variant, time_interleaved
 
 
 @dataclass
@@ -28,6 +28,7 @@ class QualitySettings:
     steps: int = 50
     guidance: Sequence[float] = (4.0, 1.5)
     repeats: int = 3
+    settle: Settling = field(default_factory=Settling)  # control, spread and extra-timing budget
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def quality_track(
         # Built per guidance scale: a calibrated policy is fitted at the scale it is scored at.
         variants = [policy_variant(model, prepare_policy(p, model, settings.steps, guidance), name) for name, p in _named(policies)]
         variants += list(extra_variants)
+
         def generate(denoiser: Any, labels_: Sequence[int] = labels, seeds_: Sequence[int] = seeds) -> torch.Tensor:
             with torch.inference_mode():
                 return sample(denoiser, labels_, seeds=seeds_, num_steps=settings.steps, guidance_scale=guidance)
@@ -126,11 +128,14 @@ def quality_track(
                 rows.append(row)
                 if bar is not None and hasattr(bar, "update"):
                     bar.update(1)
-        timed = [v for v in variants if not v.error]
+        control = control_variant(baseline)
+        timed = [*(v for v in variants if not v.error), control]
         with _progress(settings.repeats * len(timed), f"timing cfg={guidance}") as bar:
             timings = time_interleaved(
-                lambda d: generate(d, timing_labels, timing_seeds), timed, baseline, settings.repeats, bar
+                lambda d: generate(d, timing_labels, timing_seeds), timed, baseline, settings.repeats, bar,
+                control=control.name, settle=settings.settle,
             )
+        rows.insert(next(i for i, r in enumerate(rows) if r.guidance == guidance) + 1, control_row(timings, guidance))
         for row in rows:
             if row.guidance != guidance:
                 continue
@@ -138,7 +143,7 @@ def quality_track(
                 row.seconds, row.speedup = timings.baseline, 1.0
             elif row.name in timings.seconds:
                 row.seconds = timings.seconds[row.name]
-                row.speedup = timings.speedup[row.name]
+                apply_timings(row, timings, row.name)
                 if row.flop_bound:
                     row.achieved_over_bound = row.speedup / row.flop_bound
     return rows
@@ -198,6 +203,7 @@ def speed_track(
     steps: int = 50,
     repeats: int = 3,
     extra: dict[str, Sequence[Variant]] | None = None,
+    settle: Settling | None = None,
 ) -> list[Row]:
     """Per-step speed of each policy on random-weight DiT-S/2 and DiT-B/2 (32x32x4, batch 2)."""
     from adacache.cli import load_named_model
@@ -219,13 +225,15 @@ def speed_track(
         baseline = Variant("original", "full", model)
         for v in variants:  # capture outside the timing
             generate(v.denoiser)
-        with _progress(repeats * len(variants), f"speed {config}") as bar:
-            timings = time_interleaved(generate, variants, baseline, repeats, bar)
+        control = control_variant(baseline)
+        with _progress(repeats * (len(variants) + 1), f"speed {config}") as bar:
+            timings = time_interleaved(generate, [*variants, control], baseline, repeats, bar, control=control.name, settle=settle)
         rows.append(Row("original", "full", 0.0, seconds=timings.baseline, speedup=1.0, note=config))
+        rows.append(control_row(timings, note=config))
         for v in variants:
             row = Row(v.name, v.family, 0.0, seconds=timings.seconds.get(v.name), note=config)
             if row.seconds:
-                row.speedup = timings.speedup[v.name]
+                apply_timings(row, timings, v.name)
             if v.policy is not None:
                 with adacache.session(v.denoiser) as sess:
                     generate(v.denoiser)
@@ -251,7 +259,8 @@ NEVER_SKIP = {
 }
 
 
-def overhead_track(configs: Sequence[str] = ("diffusers-dit-s", "diffusers-dit-b"), steps: int = 20, repeats: int = 3, anchors: bool = True) -> list[Row]:
+def overhead_track(configs: Sequence[str] = ("diffusers-dit-s", "diffusers-dit-b"), steps: int = 20, repeats: int = 3, anchors: bool = True,
+                   settle: Settling | None = None) -> list[Row]:
     """Per-step cost of caching machinery that skips nothing: adacache NoCache and each anchor
     with a never-skip setting, against the bare model, on diffusers DiT-S/2 and DiT-B/2 sizes."""
     from adacache.cli import load_named_model
@@ -293,13 +302,17 @@ def overhead_track(configs: Sequence[str] = ("diffusers-dit-s", "diffusers-dit-b
                     generate(v.denoiser)
                 except Exception as exc:  # noqa: BLE001 - reported in the table
                     v.error = f"{type(exc).__name__}: {exc}"[:200]
-        with _progress(repeats * len(variants), f"overhead {config}") as bar:
-            timings = time_interleaved(generate, variants, baseline, repeats, bar)
+        control = control_variant(baseline)
+        with _progress(repeats * (len(variants) + 1), f"overhead {config}") as bar:
+            timings = time_interleaved(generate, [*variants, control], baseline, repeats, bar, control=control.name, settle=settle)
         rows.append(Row("original", "full", 0.0, seconds=timings.baseline, speedup=1.0, note=config))
+        control_ = control_row(timings, note=config)
+        control_.extra["overhead"] = 1.0 / control_.speedup if control_.speedup else None
+        rows.append(control_)
         for v in variants:
             row = Row(v.name, v.family, 0.0, seconds=timings.seconds.get(v.name), note=config if not v.error else f"{config}: {v.error}")
             if row.seconds:
-                row.speedup = timings.speedup[v.name]
+                apply_timings(row, timings, v.name)
                 row.extra["overhead"] = 1.0 / row.speedup
                 row.extra["ms_per_step"] = 1e3 * row.seconds / steps
             rows.append(row)
