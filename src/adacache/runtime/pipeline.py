@@ -110,9 +110,24 @@ def _request_per_call_class(base: type) -> type:
     return type(
         base.__name__,
         (base,),
-        {"__call__": __call__, "__reduce_ex__": _refuse_pickling, "_adacache_pipeline_base": base,
-         "__module__": base.__module__, "__qualname__": base.__qualname__},
+        {"__call__": __call__, "__reduce_ex__": _refuse_pickling, "__copy__": _copy, "__deepcopy__": _deepcopy,
+         "_adacache_pipeline_base": base, "__module__": base.__module__, "__qualname__": base.__qualname__},
     )
+
+
+# copy.copy / copy.deepcopy look for these before __reduce_ex__, which pickling uses: copies
+# keep working (uncompile, from_pipe), pickling gets a clear error.
+def _copy(self: Any) -> Any:
+    new = object.__new__(type(self))
+    new.__dict__.update(self.__dict__)
+    return new
+
+
+def _deepcopy(self: Any, memo: dict[int, Any]) -> Any:
+    new = object.__new__(type(self))
+    memo[id(self)] = new
+    new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    return new
 
 
 def _refuse_pickling(self: Any, protocol: int) -> Any:
