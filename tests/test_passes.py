@@ -272,3 +272,47 @@ def test_dunder_operators_keep_their_aten_overload(policy):
     with torch.no_grad():
         for t in (900.0, 800.0):
             assert torch.allclose(compiled(x, torch.full((2,), t)), model(x, torch.full((2,), t)))
+
+
+# -- the contract the passes own (issue 29, stage 1) ----------------------------------------
+
+def test_the_passes_import_no_policy():
+    """Policies describe sites in passes/contract.py's words; no pass knows a method by name."""
+    import ast
+    from pathlib import Path
+
+    import adacache.passes
+
+    offenders = []
+    for path in Path(adacache.passes.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and "policies" in (node.module or ""):
+                offenders.append(f"{path.name}: from {'.' * node.level}{node.module}")
+            elif isinstance(node, ast.Import) and any("policies" in alias.name for alias in node.names):
+                offenders.append(f"{path.name}: import {[a.name for a in node.names]}")
+    assert offenders == []
+
+
+def test_a_site_is_described_by_its_rebuild_and_terms():
+    from adacache.passes.contract import (
+        AccumulatedChange,
+        FollowsGate,
+        OffsetRule,
+        OffsetScore,
+        ProbeBelow,
+        SitePlan,
+        rebuild_for,
+    )
+
+    rule = OffsetRule(gamma=1.0, lam=0.0, accept=0.0, veto=0.2, band=False)
+    site = SitePlan("site_1", "blocks.1..3", (), rebuild=rebuild_for("output", 2),
+                    terms=(ProbeBelow("site_0", 0.08), OffsetScore(rule)))
+    assert (site.reuse, site.order, site.gated_by, site.threshold, site.offset) == ("output", 2, "site_0", 0.08, rule)
+    assert site.probe is None and site.follows is None and site.coefficients == ()
+    site.renamed_sites({"site_0": "site_4"})
+    assert site.gated_by == "site_4"
+    gate = AccumulatedChange(node="n", coefficients=(2.0, 0.0), threshold=0.1)
+    tea = SitePlan("site_0", "blocks.0..3", (), terms=(gate,))
+    assert (tea.reuse, tea.order, tea.probe, tea.coefficients, tea.threshold) == ("residual", 0, "n", (2.0, 0.0), 0.1)
+    tea.with_term(gate, FollowsGate("site_9", 0.1))
+    assert tea.follows == "site_9" and tea.probe is None and tea.threshold == 0.1

@@ -15,7 +15,8 @@ from .api import compile as compile_model
 from .api import session
 from .errors import PolicyError
 from .policies.adacorrection import AdaCorrection
-from .policies.base import Policy, SitePlan, weight_signature
+from .passes.contract import SitePlan
+from .policies.base import Policy, weight_signature
 from .policies.teacache import TeaCache
 from .runtime.module import Runtime
 from .stepping import StepTracker

@@ -1,6 +1,7 @@
 """Graph passes, each ``GraphModule -> GraphModule`` with one job.
 
-Order, in the spirit of PT2E quantization (annotate -> insert -> lower):
+Policies describe their cache sites in the words of :mod:`adacache.passes.contract`; the
+passes import no policy. Order, in the spirit of PT2E quantization (annotate -> insert -> lower):
 
 1. :func:`find_blocks` annotates the transformer blocks (``node.meta["adacache_region"]``).
 2. :func:`outline_sites` cuts each cache site (a block, a span of blocks, or an
@@ -12,9 +13,10 @@ Order, in the spirit of PT2E quantization (annotate -> insert -> lower):
 5. :func:`lower_cond_to_python` (eager) or nothing (``torch.compile``, ONNX) lowers it.
 """
 
+from .contract import CacheLayout, SitePlan, StateSpec
 from .find_blocks import find_blocks
 from .finite_inputs import require_finite_inputs
-from .insert_cache import CacheLayout, StateSpec, insert_cache_nodes, outline_sites
+from .insert_cache import insert_cache_nodes, outline_sites
 from .lower import branch, lower_cond_to_python
 from .outline import outline_region
 from .regions import Region
@@ -22,6 +24,7 @@ from .regions import Region
 __all__ = [
     "CacheLayout",
     "Region",
+    "SitePlan",
     "StateSpec",
     "branch",
     "find_blocks",

@@ -18,56 +18,24 @@ without re-tracing; the eager backend lowers it to a plain Python branch (see
 
 from __future__ import annotations
 
+import dataclasses
 import operator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
 from .. import ops
 from ..errors import NotEligibleError
+from .contract import AccumulatedChange, CacheLayout, SitePlan, StateSpec
 from .hoist import hoist_probe
 from .outline import outline_region, region_parameters
 from .regions import Region, build_region, compute_order, tensor_meta
 from .span import span_hull, take_trailing_slices
 
-if TYPE_CHECKING:  # policies import passes.regions; only the type is needed here
-    from ..policies.base import SitePlan
 
 META_KEY = "adacache"
 # Marks a copy of cache state made only because a cond branch may not return its inputs.
 STATE_COPY = "adacache_state_copy"
-
-
-@dataclass
-class StateSpec:
-    """One cache tensor carried between steps: a graph input and the matching output."""
-
-    name: str
-    site: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    kind: str  # "cache" (a tensor of the reuse form) or "valid" (0-d bool)
-
-
-@dataclass
-class CacheLayout:
-    """How the rewritten graph's extra inputs and outputs are laid out.
-
-    Inputs: ``num_user_inputs`` user leaves, then ``controls`` (0-d bool, one per cached
-    site), then ``states``. Outputs: ``num_user_outputs`` user leaves, then ``states`` (the
-    updated cache, same order), then ``signals``.
-    """
-
-    num_user_inputs: int
-    num_user_outputs: int
-    sites: list[SitePlan] = field(default_factory=list)
-    controls: list[str] = field(default_factory=list)
-    #: highest Taylor order of any site; > 0 adds the ``forecast__coef`` / ``forecast__update`` controls.
-    forecast_order: int = 0
-    states: list[StateSpec] = field(default_factory=list)
-    signals: list[str] = field(default_factory=list)
 
 
 def outline_sites(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphModule:
@@ -75,8 +43,9 @@ def outline_sites(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphModule:
     for site in sites:
         # A span's blocks may have code between them: the site covers their hull.
         nodes = span_hull(gm, [n for region in site.regions for n in region.nodes])
-        if site.probe is not None:
-            site.probe = hoist_probe(gm, Region(site.label, site.name, "site", nodes), site.probe)
+        gate = site.term(AccumulatedChange)
+        if gate is not None:  # the measured node must exist before the site's call
+            site.with_term(gate, dataclasses.replace(gate, node=hoist_probe(gm, Region(site.label, site.name, "site", nodes), gate.node)))
         region = build_region(site.label, site.name, "site", nodes, compute_order(gm))
         if site.reuse == "residual":
             region = take_trailing_slices(gm, region, site.label, site.name, "site")

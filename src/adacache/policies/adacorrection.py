@@ -8,7 +8,20 @@ from typing import Any, Literal
 from ..errors import PolicyError
 from ..passes.regions import Region
 from ..validate import policy_number
-from .base import OffsetRule, Policy, SitePlan, check, policy_dataclass, same_weights, span_label, weight_signature
+from .base import (
+    AccumulatedChange,
+    FollowsGate,
+    OffsetRule,
+    OffsetScore,
+    Policy,
+    SitePlan,
+    check,
+    policy_dataclass,
+    rebuild_for,
+    same_weights,
+    span_label,
+    weight_signature,
+)
 from .first_block import FirstBlockCache
 from .static import NoCache
 
@@ -136,33 +149,31 @@ class AdaCorrection(Policy):
                 continue
             if self.unit == "span":  # one decision for the whole span, from its input
                 residual = all(r.is_residual for r in site.regions)
-                sites.append(dataclasses.replace(
-                    site, offset=dataclasses.replace(rule, gamma=rule.gamma * self._scale(site.label)),
-                    reuse="residual" if self.reuse == "residual" and residual else site.reuse))
+                reuse = "residual" if self.reuse == "residual" and residual else site.reuse
+                scaled = dataclasses.replace(rule, gamma=rule.gamma * self._scale(site.label))
+                sites.append(dataclasses.replace(site, rebuild=rebuild_for(reuse, site.order), terms=(*site.terms, OffsetScore(scaled))))
                 continue
+            gate = site.term(AccumulatedChange)
             for k, region in enumerate(site.regions):  # one decision per unit
                 unit_rule = dataclasses.replace(rule, gamma=rule.gamma * self._scale(region.name))
-                gate: dict[str, Any] = {}
-                if site.probe is not None and k > 0:
+                terms = site.terms
+                if gate is not None and k > 0:
                     # A TeaCache span: the first unit keeps the gate (its probe sits in that
                     # unit), the others follow its verdict.
-                    gate = {"probe": None, "coefficients": (), "follows": site.name}
+                    terms = tuple(t for t in terms if t is not gate) + (FollowsGate(site.name, gate.threshold),)
                 # The offset-corrected form (the residual added to the current input) needs a
                 # residual stream; with a stale *output* the next unit receives exactly its
                 # cached input, its score reads 0 and the decision cascades from the first unit.
                 reuse = "residual" if self.reuse == "residual" and region.is_residual else site.reuse
-                sites.append(dataclasses.replace(site, label=span_label([region]), regions=(region,), offset=unit_rule,
-                                                 blocks=(region.name,), reuse=reuse, **gate))
+                sites.append(dataclasses.replace(site, label=span_label([region]), regions=(region,), blocks=(region.name,),
+                                                 rebuild=rebuild_for(reuse, site.order), terms=(*terms, OffsetScore(unit_rule))))
         renamed: dict[str, str] = {}
         for i, site in enumerate(sites):
-            if site.role == "probe" or site.probe is not None:
+            if site.role == "probe" or site.term(AccumulatedChange) is not None:
                 renamed[site.name] = f"site_{i}"  # first of its name: the probe, or the unit with the gate
             site.name = f"site_{i}"
         for site in sites:
-            if site.gated_by is not None:
-                site.gated_by = renamed[site.gated_by]
-            if site.follows is not None:
-                site.follows = renamed[site.follows]
+            site.renamed_sites(renamed)
         return sites
 
     @property

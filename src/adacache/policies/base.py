@@ -22,71 +22,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from .. import stepping
 from ..errors import PolicyError
+from ..passes.contract import (  # noqa: F401 - the contract's words, re-exported for policies
+    AccumulatedChange,
+    Forecast,
+    FollowsGate,
+    OffsetRule,
+    OffsetScore,
+    ProbeBelow,
+    ReuseForm,
+    Role,
+    SitePlan,
+    rebuild_for,
+    span_label,
+)
 from ..passes.regions import Region
 
 Granularity = Literal["block", "module"]
-ReuseForm = Literal["residual", "output"]
-Role = Literal["cached", "probe", "fresh"]
-
-
-@dataclass(frozen=True)
-class OffsetRule:
-    """AdaCorrection's per-site decision from the offset score of the site's input.
-
-    ``w = clip(gamma * S, 0, 1)``; the site reuses when the base proposes reuse and
-    ``w < veto``, or whatever the base proposes when ``w < accept``. With ``band`` a
-    computed step blends the fresh output with the corrected cache by ``w`` (Eq. 7).
-    """
-
-    gamma: float
-    lam: float
-    accept: float
-    veto: float
-    band: bool
-
-
-@dataclass
-class SitePlan:
-    """One place in the graph where a cache decision is made.
-
-    Attributes:
-        name: graph-level identifier (``site_3``); names placeholders and outputs.
-        label: the modules it covers, for humans (``transformer_blocks.1..11``).
-        regions: the consecutive regions (blocks or sub-modules) the site covers.
-        role: ``cached`` sites may be skipped; ``probe`` sites always run and produce the
-            score that gates other sites; ``fresh`` sites are only outlined (NoCache).
-        reuse: ``residual`` (reuse ``output - input`` added to the current input) or
-            ``output`` (reuse the stale output as it is).
-        gated_by: name of the probe site whose score must pass ``threshold`` for reuse.
-        threshold: the probe score below which reuse is allowed.
-    """
-
-    name: str
-    label: str
-    regions: tuple[Region, ...]
-    role: Role = "cached"
-    reuse: ReuseForm = "residual"
-    gated_by: str | None = None
-    threshold: float | None = None
-    #: Taylor order of the forecast on reuse (TaylorSeer); 0 reuses the cached value as is.
-    order: int = 0
-    #: AdaCorrection's offset rule, when the site's decision uses its input's offset score.
-    offset: OffsetRule | None = None
-    #: TeaCache's gate: the node (inside the site) whose change is accumulated, and the
-    #: rescaling polynomial (highest degree first, numpy.polyval order).
-    probe: Any = None
-    coefficients: tuple[float, ...] = ()
-    #: reuse only when the TeaCache gate of this other site passes (a TeaCache span split into
-    #: units by AdaCorrection: the first unit keeps the gate, the others follow it).
-    follows: str | None = None
-    blocks: tuple[str, ...] = field(default_factory=tuple)
-    #: attribute paths of the parameters the site reads (filled in by ``outline_sites``).
-    params: tuple[str, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)
@@ -104,15 +60,6 @@ class StepContext:
     slot: int = 0
     timestep: float | None = None
     total_steps: int | None = None
-
-
-def span_label(regions: tuple[Region, ...] | list[Region]) -> str:
-    """``transformer_blocks.1..11`` for a run of blocks, the name itself for one."""
-    if len(regions) == 1:
-        return regions[0].name
-    first, last = regions[0].name, regions[-1].name
-    head, _, _ = first.rpartition(".")
-    return f"{first}..{last.rpartition('.')[2]}" if last.startswith(head + ".") else f"{first}..{last}"
 
 
 def policy_dataclass(cls: type) -> type:
@@ -250,11 +197,11 @@ class Policy:
         residual (and so do their Taylor forecasts, which are linear). One decision per step
         instead of one per block, and one cache tensor per stream instead of one per block.
         """
-        return [SitePlan(name="site_0", label=span_label(blocks), regions=tuple(blocks), reuse=reuse,
+        return [SitePlan(name="site_0", label=span_label(blocks), regions=tuple(blocks), rebuild=rebuild_for(reuse),
                          blocks=tuple(b.name for b in blocks))]
 
     def _per_unit_sites(self, blocks: list[Region], reuse: ReuseForm) -> list[SitePlan]:
         return [
-            SitePlan(name=f"site_{i}", label=region.name, regions=(region,), reuse=reuse, blocks=(block,))
+            SitePlan(name=f"site_{i}", label=region.name, regions=(region,), rebuild=rebuild_for(reuse), blocks=(block,))
             for i, (block, region) in enumerate(self._units(blocks))
         ]

@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import PolicyError
 from ..passes.regions import Region
 from ..validate import policy_number
-from .base import Policy, ReuseForm, SitePlan, check, policy_dataclass, span_label
+from .base import Policy, ProbeBelow, ReuseForm, SitePlan, check, policy_dataclass, rebuild_for, span_label
 
 
 @policy_dataclass
@@ -53,10 +53,10 @@ class FirstBlockCache(Policy):
             )
         probe = tuple(blocks[: self.probe_blocks])
         return [
-            SitePlan(name="site_0", label=span_label(probe), regions=probe, role="probe", reuse="residual",
+            SitePlan(name="site_0", label=span_label(probe), regions=probe, role="probe", rebuild=rebuild_for("residual"),
                      blocks=tuple(b.name for b in probe)),
-            SitePlan(name="site_1", label=span_label(middle), regions=tuple(middle), reuse=self.reuse,
-                     gated_by="site_0", threshold=float(self.threshold), blocks=tuple(b.name for b in middle)),
+            SitePlan(name="site_1", label=span_label(middle), regions=tuple(middle), rebuild=rebuild_for(self.reuse),
+                     terms=(ProbeBelow("site_0", float(self.threshold)),), blocks=tuple(b.name for b in middle)),
         ]
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..passes.regions import Region
 from ..validate import policy_number
-from .base import Granularity, Policy, ReuseForm, SitePlan, check, policy_dataclass
+from .base import Granularity, Policy, ReuseForm, SitePlan, check, policy_dataclass, rebuild_for
 
 
 @policy_dataclass
@@ -49,7 +49,7 @@ class TaylorSeer(Policy):
         else:
             sites = self._per_unit_sites(blocks, self.reuse or "output")
         for site in sites:
-            site.order = self.order
+            site.rebuild = rebuild_for(site.reuse, self.order)
         return sites
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:

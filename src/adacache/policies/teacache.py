@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import PolicyError
 from ..passes.regions import Region
 from ..validate import policy_number, policy_numbers
-from .base import Policy, SitePlan, policy_dataclass, span_label
+from .base import AccumulatedChange, Policy, SitePlan, policy_dataclass, rebuild_for, span_label
 
 
 @policy_dataclass
@@ -54,8 +54,8 @@ class TeaCache(Policy):
             )
         attention = first.submodules[0]
         probe = next(n for n in attention.inputs if n in set(first.nodes))
-        return [SitePlan(name="site_0", label=span_label(blocks), regions=tuple(blocks), reuse="residual",
-                         threshold=float(self.threshold), probe=probe, coefficients=self.coefficients,
+        return [SitePlan(name="site_0", label=span_label(blocks), regions=tuple(blocks), rebuild=rebuild_for("residual"),
+                         terms=(AccumulatedChange(probe, tuple(self.coefficients), float(self.threshold)),),
                          blocks=tuple(b.name for b in blocks))]
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from torch import fx, nn
 from ..capture import CapturedGraph, capture
 from ..passes.lower import bind_operators, drop_state_copies, hoist_attributes
 from ..passes import CacheLayout, Region, find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites, require_finite_inputs
-from ..policies.base import Policy, SitePlan
+from ..passes.contract import SitePlan
+from ..policies.base import Policy
 
 
 @dataclass
