@@ -6,11 +6,14 @@ After this pass the graph is *functional in its cache state*:
 
 For every cached site the outlined call becomes
 
-    pred   = allow & valid_in [& below(offset_score(probe), threshold)]
+    pred   = allow & valid_in [& each term of the site, in the contract's order]
     result = cond(pred, reuse_branch, compute_branch, (site inputs, cache_in))
 
-where ``reuse_branch`` rebuilds the outputs from the cache (``cache_load``) without
-running the site, and ``compute_branch`` runs it and refreshes the cache. The cond is
+where ``reuse_branch`` rebuilds the outputs from the cache as the site's rebuild says
+(stale output, residual on the current input, forecast) without running the site, and
+``compute_branch`` runs it and refreshes the cache. Each term of
+:mod:`adacache.passes.contract` has one lowering here (``_LOWER_TERM``) and declares its own
+state (``_TERM_STATE``); the pass composes them and names no caching method. The cond is
 ``torch.ops.higher_order.cond``, so the same graph exports to ONNX ``If`` and compiles
 without re-tracing; the eager backend lowers it to a plain Python branch (see
 :mod:`adacache.passes.lower`).
@@ -20,13 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from .. import ops
 from ..errors import NotEligibleError
-from .contract import AccumulatedChange, CacheLayout, SitePlan, StateSpec
+from .contract import AccumulatedChange, CacheLayout, FollowsGate, OffsetScore, ProbeBelow, SitePlan, StateSpec
 from .hoist import hoist_probe
 from .outline import outline_region, region_parameters
 from .regions import Region, build_region, compute_order, tensor_meta
@@ -136,244 +141,354 @@ def _load(graph: fx.Graph, site: SitePlan, region: Region, inputs: list[fx.Node]
     ]
 
 
+class _Rewrite:
+    """The graph-wide bookkeeping of one insert: new inputs, state, signals, and what sites
+    leave for later sites (a probe's score, an accumulated-change verdict)."""
+
+    def __init__(self, gm: fx.GraphModule, sites: list[SitePlan]) -> None:
+        self.gm, self.graph = gm, gm.graph
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        self.output_node = self.graph.output_node()
+        self.user_outputs = list(self.output_node.args[0])
+        self.layout = CacheLayout(num_user_inputs=len(placeholders), num_user_outputs=len(self.user_outputs), sites=list(sites))
+        self.last_placeholder = placeholders[-1] if placeholders else None
+        self.controls: list[fx.Node] = []
+        self.states_in: list[tuple[StateSpec, fx.Node]] = []
+        self.new_state: dict[str, fx.Node] = {}
+        self.signals: list[fx.Node] = []
+        self.forecast: list[fx.Node] = []
+        self.probe_gates: dict[str, tuple[fx.Node, fx.Node]] = {}  # probe site -> (score, validity)
+        self.probe_state: dict[str, list[tuple[str, fx.Node, fx.Node]]] = {}
+        self.change_verdicts: dict[str, fx.Node] = {}  # site -> its accumulated-change verdict
+
+    def placeholder(self, name: str) -> fx.Node:
+        """A new graph input after the last one."""
+        if self.last_placeholder is None:
+            with self.graph.inserting_before(next(iter(self.graph.nodes))):
+                node = self.graph.placeholder(name)
+        else:
+            with self.graph.inserting_after(self.last_placeholder):
+                node = self.graph.placeholder(name)
+        self.last_placeholder = node
+        return node
+
+    def state(self, spec: StateSpec) -> fx.Node:
+        """A cache tensor carried between steps: its input now, its output once threaded."""
+        node = self.placeholder(spec.name)
+        self.states_in.append((spec, node))
+        return node
+
+    def control(self, name: str) -> fx.Node:
+        node = self.placeholder(name)
+        self.controls.append(node)
+        self.layout.controls.append(name)
+        return node
+
+    def signal(self, node: fx.Node, name: str) -> None:
+        self.signals.append(node)
+        self.layout.signals.append(name)
+
+    def finish(self) -> fx.GraphModule:
+        """Controls before the state inputs; state and signals after the user outputs."""
+        layout, graph = self.layout, self.graph
+        layout.states = [spec for spec, _ in self.states_in]
+        for ctrl in self.controls:
+            self.states_in[0][1].prepend(ctrl)
+        if self.states_in:  # with nothing cached the graph's signature is the model's own
+            self.output_node.args = (
+                tuple(self.user_outputs) + tuple(self.new_state[s.name] for s in layout.states) + tuple(self.signals),
+            )
+        self.gm.meta[META_KEY] = layout
+        graph.lint()
+        self.gm.recompile()
+        return self.gm
+
+
+@dataclass
+class _Site:
+    """One site while it is rewritten: its call, its inputs and its state inputs."""
+
+    plan: SitePlan
+    region: Region
+    call: fx.Node
+    inputs: list[fx.Node]
+    params: list[fx.Node]
+    outputs: list[fx.Node]  # the call's getitems, in output order
+    cache: list[fx.Node]  # output-major: D_0..D_order of output 0, then output 1, ...
+    term_state: dict[type, list[fx.Node]]
+    valid: fx.Node
+
+    @property
+    def terms_per_output(self) -> int:
+        return self.plan.order + 1
+
+
 def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphModule:
     """Wrap every outlined site in cache nodes and thread the cache state through the graph.
 
     Expects :func:`outline_sites` to have run. Records a :class:`CacheLayout` in
-    ``gm.meta["adacache"]``.
+    ``gm.meta["adacache"]``. Knows sites only by the contract's words (their role, rebuild
+    and terms): no method is named here.
     """
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    output_node = graph.output_node()
-    user_outputs = list(output_node.args[0])
-    layout = CacheLayout(num_user_inputs=len(placeholders), num_user_outputs=len(user_outputs), sites=list(sites))
-    new_state: dict[str, fx.Node] = {}
-    signal_out: list[fx.Node] = []
-    last_ph = placeholders[-1] if placeholders else None
-    gates: dict[str, tuple[fx.Node, fx.Node]] = {}
-    probe_state: dict[str, list[tuple[str, fx.Node, fx.Node]]] = {}
-    tea_gates: dict[str, fx.Node] = {}  # site -> its TeaCache gate, for the sites that follow it
-
-    def new_placeholder(name: str) -> fx.Node:
-        nonlocal last_ph
-        if last_ph is None:
-            with graph.inserting_before(next(iter(graph.nodes))):
-                ph = graph.placeholder(name)
-        else:
-            with graph.inserting_after(last_ph):
-                ph = graph.placeholder(name)
-        last_ph = ph
-        return ph
-
-    controls: list[fx.Node] = []
-    states_in: list[tuple[StateSpec, fx.Node]] = []
-    forecast: list[fx.Node] = []
-    layout.forecast_order = max((s.order for s in sites), default=0)
-    if layout.forecast_order:
-        forecast = [new_placeholder("forecast__coef"), new_placeholder("forecast__update")]
-        controls.extend(forecast)
-        layout.controls.extend(n.name for n in forecast)
-
-    for site in sites:
-        if site.role == "fresh":
+    rewrite = _Rewrite(gm, sites)
+    rewrite.layout.forecast_order = max((s.order for s in sites), default=0)
+    if rewrite.layout.forecast_order:
+        rewrite.forecast = [rewrite.control("forecast__coef"), rewrite.control("forecast__update")]
+    for plan in sites:
+        if plan.role == "fresh":
             continue  # outlined only: nothing to cache (NoCache)
-        call = _site_call(gm, site)
-        region = site.regions[0]
-        n_out = len(region.outputs)
-        inputs = list(call.args[: len(region.inputs)])
-        params = list(call.args[len(region.inputs) :])
-        getitems = sorted(call.users, key=lambda u: u.args[1])
-        cache_nodes: list[fx.Node] = []  # output-major: D_0..D_order of output 0, then output 1, ...
-        n_terms = site.order + 1
-        for i, item in enumerate(getitems):
-            val = tensor_meta(item)
-            for j in range(n_terms):
-                name = f"cache__{site.name}__{i}" + (f"_d{j}" if j else "")
-                spec = StateSpec(name, site.name, tuple(val.shape), val.dtype, "cache")
-                ph = new_placeholder(spec.name)
-                states_in.append((spec, ph))
-                cache_nodes.append(ph)
-        score_src = _score_input(region, inputs)
-        offset_in: list[fx.Node] = []
-        if site.offset is not None:
-            # AdaCorrection compares the site's input with the input of the last full step.
-            # Its scale (mean token norm, per item) is kept beside it: computed once when the
-            # input is stored, not again at every step that scores against it.
-            val = tensor_meta(score_src)
-            for spec in (
-                StateSpec(f"cache__{site.name}__in", site.name, tuple(val.shape), val.dtype, "cache"),
-                StateSpec(f"cache__{site.name}__in_scale", site.name, (val.shape[0],), torch.float32, "cache"),
-            ):
-                offset_in.append(new_placeholder(spec.name))
-                states_in.append((spec, offset_in[-1]))
-        tea: list[fx.Node] = []
-        if site.probe is not None:
-            # TeaCache keeps the previous step's probe and the running sum of its changes.
-            val = tensor_meta(site.probe)
-            for spec in (
-                StateSpec(f"cache__{site.name}__probe", site.name, tuple(val.shape), val.dtype, "cache"),
-                StateSpec(f"cache__{site.name}__acc", site.name, (), torch.float32, "cache"),
-            ):
-                tea.append(new_placeholder(spec.name))
-                states_in.append((spec, tea[-1]))
-        valid_spec = StateSpec(f"cache__{site.name}__valid", site.name, (), torch.bool, "valid")
-        valid_in = new_placeholder(valid_spec.name)
-        states_in.append((valid_spec, valid_in))
-
-        if site.role == "probe":
-            with graph.inserting_before(getitems[-1].next):
-                fresh = _fresh_state(graph, site, region, inputs, getitems)
-                score = graph.call_function(ops.offset_score, (fresh[0], cache_nodes[0]))
-                finite = graph.call_function(ops.all_finite, tuple(fresh))
-            gates[site.name] = (score, valid_in)
-            probe_state[site.name] = [
-                *((f"cache__{site.name}__{i}", c, f) for i, (c, f) in enumerate(zip(cache_nodes, fresh))),
-                (valid_spec.name, valid_in, finite),
-            ]
-            signal_out.append(score)
-            layout.signals.append(f"signal__{site.name}__score")
-            continue
-
-        allow = new_placeholder(f"allow__{site.name}")
-        controls.append(allow)
-        layout.controls.append(allow.name)
-        site_module = gm.get_submodule(site.name)
-
-        n_params = len(params)
-        band = site.offset is not None and site.offset.band
-
-        def build_compute(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out, n_terms=n_terms, n_params=n_params, band=band):
-            call_ = g.call_module("site", (*ins, *ps[:n_params]))
-            outs = _outputs_of(g, call_, n_out)
-            fresh = _fresh_state(g, site, region, ins, outs)
-            if band:
-                # Eq. 7: blend the fresh output with the (offset-corrected) cache by w; with a
-                # Taylor order, the cache as the coefficients of this step extrapolate it.
-                weight = ps[-1]
-                if site.order:
-                    stale = [g.call_function(ops.taylor_forecast, (ps[n_params], *st[i * n_terms : (i + 1) * n_terms])) for i in range(n_out)]
-                else:
-                    stale = [st[i * n_terms] for i in range(n_out)]
-                stale = _load(g, site, region, ins, stale, copy=False)
-                outs = [g.call_function(ops.correct, (weight, c, o)) for c, o in zip(stale, outs)]
-            kept_in = []
-            if site.offset is not None:
-                kept = ins[_score_index(region)]
-                kept_in = [g.call_method("clone", (kept,), {"memory_format": torch.contiguous_format}),
-                           g.call_function(ops.offset_scale, (kept,))]
-            if site.order:
-                # After the forecast coefficients: the update factors, then the cache's validity
-                # (the band weight, if any, is last).
-                update = ps[n_params + 1]
-                terms = []
-                for i in range(n_out):
-                    new = g.call_function(ops.taylor_update, (ps[n_params + 2], ps[n_params], update, fresh[i], *st[i * n_terms : (i + 1) * n_terms]))
-                    terms += [g.call_function(operator.getitem, (new, j)) for j in range(n_terms)]
-                fresh = terms
-            # Every stored term is checked: a NaN in a higher difference would poison every forecast.
-            return [*_dense(g, outs), *_dense(g, fresh), *kept_in, g.call_function(ops.all_finite, tuple(fresh))]
-
-        def build_reuse(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node], site=site, region=region, n_out=n_out, n_terms=n_terms, n_params=n_params):
-            if site.order:
-                coef = ps[n_params]
-                cached = [g.call_function(ops.taylor_forecast, (coef, *st[i * n_terms : (i + 1) * n_terms])) for i in range(n_out)]
-            else:
-                cached = st[:n_out]
-            outs = _load(g, site, region, ins, cached, copy=True)
-            # cond branches may not return their inputs: hand back a copy of the cache. The copy
-            # is tagged so that the eager lowering, which has no such rule, can drop it.
-            kept = [g.call_method("clone", (s,), {"memory_format": torch.contiguous_format}) for s in st]
-            for node in kept:
-                node.meta[STATE_COPY] = True
-            return [*_dense(g, outs), *kept, g.call_method("new_ones", (st[0], ()), {"dtype": torch.bool})]
-
-        state_nodes = [*cache_nodes, *offset_in]
-        with graph.inserting_before(call):
-            pred = graph.call_function(operator.and_, (allow, valid_in))
-            if site.gated_by is not None:
-                score, probe_valid = gates[site.gated_by]
-                passes = graph.call_function(ops.below, (score, site.threshold))
-                gate = graph.call_function(operator.and_, (passes, probe_valid))
-                pred = graph.call_function(operator.and_, (pred, gate))
-            if site.follows is not None:
-                pred = graph.call_function(operator.and_, (pred, tea_gates[site.follows]))
-            if site.probe is not None:
-                gate_out = graph.call_function(ops.teacache_gate, (site.probe, tea[0], tea[1], tuple(site.coefficients), site.threshold))
-                passes, total, rescaled = (graph.call_function(operator.getitem, (gate_out, i)) for i in range(3))
-                tea_gates[site.name] = passes
-                pred = graph.call_function(operator.and_, (pred, passes))
-                tea_verdict = pred  # before any offset rule: TeaCache's own decision resets its sum
-                signal_out.append(rescaled)
-                layout.signals.append(f"signal__{site.name}__score")
-            weight_operand: list[fx.Node] = []
-            if site.offset is not None:
-                rule = site.offset
-                offset = graph.call_function(ops.adacorrection_score, (score_src, offset_in[0], rule.lam, offset_in[1]))
-                pred = graph.call_function(ops.offset_decision, (pred, valid_in, offset, rule.gamma, rule.accept, rule.veto))
-                signal_out.append(offset)
-                layout.signals.append(f"signal__{site.name}__score")
-                if rule.band:
-                    weight = graph.call_function(ops.correction_weight, (offset, rule.gamma))
-                    weight_operand = [graph.call_function(ops.blend, (valid_in, weight, graph.call_function(ops.one_like, (weight,))))]
-            pred._rename(f"{site.name}_reuse_pred")
-        extra = [*([*forecast, valid_in] if site.order else []), *weight_operand]
-        compute_gm = _branch(site_module, build_compute, len(inputs), len(state_nodes), len(params) + len(extra), f"{site.name}_compute")
-        reuse_gm = _branch(None, build_reuse, len(inputs), len(state_nodes), len(params) + len(extra), f"{site.name}_reuse")
-        gm.add_submodule(f"{site.name}_compute", compute_gm)
-        gm.add_submodule(f"{site.name}_reuse", reuse_gm)
-
-        with graph.inserting_before(call):
-            # Dense operands: inductor specialises a cond branch to its inputs' strides, and a
-            # stream that arrives as a transposed view would not match at run time.
-            operands = [graph.call_method("contiguous", (n,)) if tensor_meta(n) is not None else n for n in inputs]
-            true_fn = graph.get_attr(f"{site.name}_reuse")
-            false_fn = graph.get_attr(f"{site.name}_compute")
-            cond = graph.call_function(
-                torch.ops.higher_order.cond, (pred, true_fn, false_fn, (*operands, *state_nodes, *params, *extra))
-            )
-            cond._rename(f"{site.name}_cond")
-            cond.meta["nn_module_stack"] = dict(call.meta.get("nn_module_stack") or {})
-            cond.meta[META_KEY] = site.label
-            n_state = len(state_nodes)
-            results = _outputs_of(graph, cond, n_out + n_state + 1)
-        for item, new in zip(getitems, results[:n_out]):
-            new.meta = dict(item.meta)
-            item.replace_all_uses_with(new)
-            graph.erase_node(item)
-        graph.erase_node(call)
-        for ph, new in zip(state_nodes, results[n_out : n_out + n_state]):
-            new_state[ph.name] = new
-        new_state[valid_spec.name] = results[n_out + n_state]
-        if site.probe is not None:
-            with graph.inserting_before(results[-1].next):
-                new_state[tea[0].name] = graph.call_method("clone", (site.probe,), {"memory_format": torch.contiguous_format})
-                new_state[tea[1].name] = graph.call_function(ops.keep_if, (tea_verdict, total))
-        signal_out.append(pred)
-        layout.signals.append(f"signal__{site.name}__reused")
-
-        if site.gated_by is not None and site.gated_by in probe_state:
-            # A probe keeps the residual of the last *full* step, so its score measures the
-            # drift since the cache was filled, not since the previous (cached) step.
-            with graph.inserting_before(results[-1].next):
-                for name, old, fresh in probe_state.pop(site.gated_by):
-                    new_state[name] = graph.call_function(ops.blend, (pred, old, fresh))
-
-    for name, entries in probe_state.items():  # a probe nothing is gated by keeps its latest value
+        site = _declare_state(rewrite, plan)
+        if plan.role == "probe":
+            _score_probe(rewrite, site)
+        else:
+            _wrap_in_cond(rewrite, site)
+    for entries in rewrite.probe_state.values():  # a probe nothing is gated by keeps its latest value
         for state_name, _, fresh in entries:
-            new_state[state_name] = fresh
+            rewrite.new_state[state_name] = fresh
+    return rewrite.finish()
 
-    layout.states = [spec for spec, _ in states_in]
-    # Controls sit before the state tensors among the inputs.
-    for ctrl in controls:
-        first_state = states_in[0][1]
-        first_state.prepend(ctrl)
-    if not states_in:  # nothing cached: the graph's signature is the model's own
-        gm.meta[META_KEY] = layout
-        graph.lint()
-        gm.recompile()
-        return gm
-    output_node.args = (tuple(user_outputs) + tuple(new_state[s.name] for s in layout.states) + tuple(signal_out),)
-    gm.meta[META_KEY] = layout
-    graph.lint()
-    gm.recompile()
-    return gm
+
+def _declare_state(rewrite: _Rewrite, plan: SitePlan) -> _Site:
+    """The site's state inputs: its rebuild's cache, each term's own state, its validity."""
+    call = _site_call(rewrite.gm, plan)
+    region = plan.regions[0]
+    outputs = sorted(call.users, key=lambda u: u.args[1])
+    cache = []
+    for i, item in enumerate(outputs):
+        val = tensor_meta(item)
+        for j in range(plan.order + 1):
+            name = f"cache__{plan.name}__{i}" + (f"_d{j}" if j else "")
+            cache.append(rewrite.state(StateSpec(name, plan.name, tuple(val.shape), val.dtype, "cache")))
+    inputs = list(call.args[: len(region.inputs)])
+    term_state = {}
+    for kind, declare in _TERM_STATE.items():
+        term = plan.term(kind)
+        if term is not None:
+            term_state[kind] = [rewrite.state(spec) for spec in declare(plan, term, region, inputs)]
+    valid = rewrite.state(StateSpec(f"cache__{plan.name}__valid", plan.name, (), torch.bool, "valid"))
+    return _Site(plan, region, call, inputs, list(call.args[len(region.inputs):]), outputs, cache, term_state, valid)
+
+
+def _offset_state(plan: SitePlan, term: OffsetScore, region: Region, inputs: list[fx.Node]) -> list[StateSpec]:
+    # The input of the last full step, and its scale (mean token norm, per item): computed
+    # once when the input is stored, not again at every step that scores against it.
+    val = tensor_meta(_score_input(region, inputs))
+    return [StateSpec(f"cache__{plan.name}__in", plan.name, tuple(val.shape), val.dtype, "cache"),
+            StateSpec(f"cache__{plan.name}__in_scale", plan.name, (val.shape[0],), torch.float32, "cache")]
+
+
+def _change_state(plan: SitePlan, term: AccumulatedChange, region: Region, inputs: list[fx.Node]) -> list[StateSpec]:
+    # The previous step's measured node, and the running sum of its rescaled changes.
+    val = tensor_meta(term.node)
+    return [StateSpec(f"cache__{plan.name}__probe", plan.name, tuple(val.shape), val.dtype, "cache"),
+            StateSpec(f"cache__{plan.name}__acc", plan.name, (), torch.float32, "cache")]
+
+
+#: The state each kind of term keeps, in the order the state inputs are laid out (after the
+#: rebuild's cache, before the validity flag).
+_TERM_STATE = {OffsetScore: _offset_state, AccumulatedChange: _change_state}
+#: The order in which terms join a predicate: the offset decision takes the others' verdict.
+_TERM_ORDER = (ProbeBelow, FollowsGate, AccumulatedChange, OffsetScore)
+
+
+def _ordered(terms: tuple[Any, ...]) -> list[Any]:
+    return sorted(terms, key=lambda t: _TERM_ORDER.index(type(t)))
+
+
+def _score_probe(rewrite: _Rewrite, site: _Site) -> None:
+    """A probe always runs: score its fresh residual against the stored one for the sites it gates."""
+    graph, name = rewrite.graph, site.plan.name
+    with graph.inserting_before(site.outputs[-1].next):
+        fresh = _fresh_state(graph, site.plan, site.region, site.inputs, site.outputs)
+        score = graph.call_function(ops.offset_score, (fresh[0], site.cache[0]))
+        finite = graph.call_function(ops.all_finite, tuple(fresh))
+    rewrite.probe_gates[name] = (score, site.valid)
+    rewrite.probe_state[name] = [
+        *((f"cache__{name}__{i}", c, f) for i, (c, f) in enumerate(zip(site.cache, fresh))),
+        (f"cache__{name}__valid", site.valid, finite),
+    ]
+    rewrite.signal(score, f"signal__{name}__score")
+
+
+@dataclass
+class _Predicate:
+    """A site's reuse predicate as the terms build it, and what they add to the branches."""
+
+    node: fx.Node
+    band_weight: list[fx.Node] = field(default_factory=list)  # operand of the compute branch
+    after: list[Any] = field(default_factory=list)  # callables run once the cond exists
+
+
+def _reuse_predicate(rewrite: _Rewrite, site: _Site, allow: fx.Node) -> _Predicate:
+    graph = rewrite.graph
+    pred = _Predicate(graph.call_function(operator.and_, (allow, site.valid)))
+    for term in _ordered(site.plan.terms):
+        _LOWER_TERM[type(term)](rewrite, site, term, pred)
+    pred.node._rename(f"{site.plan.name}_reuse_pred")
+    return pred
+
+
+def _lower_probe_below(rewrite: _Rewrite, site: _Site, term: ProbeBelow, pred: _Predicate) -> None:
+    graph = rewrite.graph
+    score, probe_valid = rewrite.probe_gates[term.probe]
+    passes = graph.call_function(ops.below, (score, term.threshold))
+    gate = graph.call_function(operator.and_, (passes, probe_valid))
+    pred.node = graph.call_function(operator.and_, (pred.node, gate))
+
+    def keep_probe_at_full_steps(results: list[fx.Node], reuse: fx.Node) -> None:
+        # A probe keeps the residual of the last *full* step, so its score measures the drift
+        # since the cache was filled, not since the previous (cached) step.
+        if term.probe in rewrite.probe_state:
+            with graph.inserting_before(results[-1].next):
+                for name, old, fresh in rewrite.probe_state.pop(term.probe):
+                    rewrite.new_state[name] = graph.call_function(ops.blend, (reuse, old, fresh))
+
+    pred.after.append(keep_probe_at_full_steps)
+
+
+def _lower_follows_gate(rewrite: _Rewrite, site: _Site, term: FollowsGate, pred: _Predicate) -> None:
+    pred.node = rewrite.graph.call_function(operator.and_, (pred.node, rewrite.change_verdicts[term.site]))
+
+
+def _lower_accumulated_change(rewrite: _Rewrite, site: _Site, term: AccumulatedChange, pred: _Predicate) -> None:
+    graph, name = rewrite.graph, site.plan.name
+    measured, accumulated = site.term_state[AccumulatedChange]
+    gate_out = graph.call_function(ops.teacache_gate, (term.node, measured, accumulated, tuple(term.coefficients), term.threshold))
+    passes, total, rescaled = (graph.call_function(operator.getitem, (gate_out, i)) for i in range(3))
+    rewrite.change_verdicts[name] = passes
+    pred.node = graph.call_function(operator.and_, (pred.node, passes))
+    verdict = pred.node  # before any offset decision: the gate's own verdict resets its sum
+    rewrite.signal(rescaled, f"signal__{name}__score")
+
+    def keep_measure(results: list[fx.Node], reuse: fx.Node) -> None:
+        with graph.inserting_before(results[-1].next):
+            rewrite.new_state[measured.name] = graph.call_method("clone", (term.node,), {"memory_format": torch.contiguous_format})
+            rewrite.new_state[accumulated.name] = graph.call_function(ops.keep_if, (verdict, total))
+
+    pred.after.append(keep_measure)
+
+
+def _lower_offset_score(rewrite: _Rewrite, site: _Site, term: OffsetScore, pred: _Predicate) -> None:
+    graph, rule = rewrite.graph, term.rule
+    stored, scale = site.term_state[OffsetScore]
+    offset = graph.call_function(ops.adacorrection_score, (_score_input(site.region, site.inputs), stored, rule.lam, scale))
+    pred.node = graph.call_function(ops.offset_decision, (pred.node, site.valid, offset, rule.gamma, rule.accept, rule.veto))
+    rewrite.signal(offset, f"signal__{site.plan.name}__score")
+    if rule.band:
+        weight = graph.call_function(ops.correction_weight, (offset, rule.gamma))
+        pred.band_weight = [graph.call_function(ops.blend, (site.valid, weight, graph.call_function(ops.one_like, (weight,))))]
+
+
+_LOWER_TERM = {
+    ProbeBelow: _lower_probe_below,
+    FollowsGate: _lower_follows_gate,
+    AccumulatedChange: _lower_accumulated_change,
+    OffsetScore: _lower_offset_score,
+}
+
+
+def _wrap_in_cond(rewrite: _Rewrite, site: _Site) -> None:
+    """``cond(predicate, reuse branch, compute branch)`` in place of the site's call."""
+    graph, plan, call = rewrite.graph, site.plan, site.call
+    allow = rewrite.control(f"allow__{plan.name}")
+    with graph.inserting_before(call):
+        pred = _reuse_predicate(rewrite, site, allow)
+    state_nodes = [*site.cache, *site.term_state.get(OffsetScore, [])]
+    extra = [*([*rewrite.forecast, site.valid] if plan.order else []), *pred.band_weight]
+    n_operands = (len(site.inputs), len(state_nodes), len(site.params) + len(extra))
+    compute = _branch(rewrite.gm.get_submodule(plan.name), _compute_builder(site, band=bool(pred.band_weight)), *n_operands,
+                      f"{plan.name}_compute")
+    reuse = _branch(None, _reuse_builder(site), *n_operands, f"{plan.name}_reuse")
+    rewrite.gm.add_submodule(f"{plan.name}_compute", compute)
+    rewrite.gm.add_submodule(f"{plan.name}_reuse", reuse)
+
+    n_out, n_state = len(site.outputs), len(state_nodes)
+    with graph.inserting_before(call):
+        # Dense operands: inductor specialises a cond branch to its inputs' strides, and a
+        # stream that arrives as a transposed view would not match at run time.
+        operands = [graph.call_method("contiguous", (n,)) if tensor_meta(n) is not None else n for n in site.inputs]
+        true_fn = graph.get_attr(f"{plan.name}_reuse")
+        false_fn = graph.get_attr(f"{plan.name}_compute")
+        cond = graph.call_function(
+            torch.ops.higher_order.cond, (pred.node, true_fn, false_fn, (*operands, *state_nodes, *site.params, *extra))
+        )
+        cond._rename(f"{plan.name}_cond")
+        cond.meta["nn_module_stack"] = dict(call.meta.get("nn_module_stack") or {})
+        cond.meta[META_KEY] = plan.label
+        results = _outputs_of(graph, cond, n_out + n_state + 1)
+    for item, new in zip(site.outputs, results[:n_out]):
+        new.meta = dict(item.meta)
+        item.replace_all_uses_with(new)
+        graph.erase_node(item)
+    graph.erase_node(call)
+    for ph, new in zip(state_nodes, results[n_out : n_out + n_state]):
+        rewrite.new_state[ph.name] = new
+    rewrite.new_state[site.valid.name] = results[n_out + n_state]
+    for step in pred.after:  # state the terms update from the verdict (they add no signal)
+        step(results, pred.node)
+    rewrite.signal(pred.node, f"signal__{plan.name}__reused")
+
+
+def _compute_builder(site: _Site, band: bool) -> Any:
+    """The compute branch: run the site, store its value in the rebuild's form (and each
+    term's state), optionally blend the fresh output with the corrected cache."""
+    plan, region = site.plan, site.region
+    n_out, n_terms, n_params = len(site.outputs), site.terms_per_output, len(site.params)
+    keeps_input = plan.term(OffsetScore) is not None
+
+    def build(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node]) -> list[fx.Node]:
+        call_ = g.call_module("site", (*ins, *ps[:n_params]))
+        outs = _outputs_of(g, call_, n_out)
+        fresh = _fresh_state(g, plan, region, ins, outs)
+        if band:
+            # Eq. 7: blend the fresh output with the (offset-corrected) cache by w; with a
+            # Taylor order, the cache as the coefficients of this step extrapolate it.
+            weight = ps[-1]
+            stale = _rebuilt(g, plan, st, ps, n_out, n_terms, n_params)
+            stale = _load(g, plan, region, ins, stale, copy=False)
+            outs = [g.call_function(ops.correct, (weight, c, o)) for c, o in zip(stale, outs)]
+        kept_in = []
+        if keeps_input:
+            kept = ins[_score_index(region)]
+            kept_in = [g.call_method("clone", (kept,), {"memory_format": torch.contiguous_format}),
+                       g.call_function(ops.offset_scale, (kept,))]
+        if plan.order:
+            # After the forecast coefficients: the update factors, then the cache's validity
+            # (the band weight, if any, is last).
+            update = ps[n_params + 1]
+            terms = []
+            for i in range(n_out):
+                new = g.call_function(ops.taylor_update, (ps[n_params + 2], ps[n_params], update, fresh[i], *st[i * n_terms : (i + 1) * n_terms]))
+                terms += [g.call_function(operator.getitem, (new, j)) for j in range(n_terms)]
+            fresh = terms
+        # Every stored term is checked: a NaN in a higher difference would poison every forecast.
+        return [*_dense(g, outs), *_dense(g, fresh), *kept_in, g.call_function(ops.all_finite, tuple(fresh))]
+
+    return build
+
+
+def _rebuilt(g: fx.Graph, plan: SitePlan, st: list[fx.Node], ps: list[fx.Node], n_out: int, n_terms: int, n_params: int) -> list[fx.Node]:
+    """The stored value of each output as a reuse rebuilds it: the forecast of this step's
+    coefficients, or the stored value itself."""
+    if plan.order:
+        coef = ps[n_params]
+        return [g.call_function(ops.taylor_forecast, (coef, *st[i * n_terms : (i + 1) * n_terms])) for i in range(n_out)]
+    return [st[i * n_terms] for i in range(n_out)]
+
+
+def _reuse_builder(site: _Site) -> Any:
+    """The reuse branch: rebuild the outputs from the cache without running the site."""
+    plan, region = site.plan, site.region
+    n_out, n_terms, n_params = len(site.outputs), site.terms_per_output, len(site.params)
+
+    def build(g: fx.Graph, ins: list[fx.Node], st: list[fx.Node], ps: list[fx.Node]) -> list[fx.Node]:
+        cached = _rebuilt(g, plan, st, ps, n_out, n_terms, n_params) if plan.order else st[:n_out]
+        outs = _load(g, plan, region, ins, cached, copy=True)
+        # cond branches may not return their inputs: hand back a copy of the cache. The copy
+        # is tagged so that the eager lowering, which has no such rule, can drop it.
+        kept = [g.call_method("clone", (s,), {"memory_format": torch.contiguous_format}) for s in st]
+        for node in kept:
+            node.meta[STATE_COPY] = True
+        return [*_dense(g, outs), *kept, g.call_method("new_ones", (st[0], ()), {"dtype": torch.bool})]
+
+    return build
