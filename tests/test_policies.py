@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import adacache
 from adacache import ops
-from adacache.policies.static import is_fora_reuse_step
+from adacache.policies.fora import is_fora_reuse_step
 
 
 @pytest.mark.parametrize(
@@ -82,3 +82,41 @@ def test_cache_load_inverts_residual_of():
     assert torch.allclose(ops.cache_load(x, ops.residual_of(y, x)), y)
     assert not bool(ops.all_finite(torch.tensor([1.0, float("inf")])))
     assert bool(ops.all_finite(torch.ones(3), torch.zeros(2)))
+
+
+# -- what a policy can do is declared by the policy (issue 29, stage 3) --------------------
+
+def test_capabilities_are_declared_by_each_policy():
+    assert [p.calibratable for p in (adacache.TeaCache(0.1), adacache.AdaCorrection(base=adacache.FORA(interval=3)))] == [True, True]
+    assert not any(p.calibratable for p in (adacache.NoCache(), adacache.FORA(), adacache.FirstBlockCache(0.08),
+                                            adacache.TaylorSeer(), adacache.ZCache()))
+    assert {type(p).__name__ for p in (adacache.TaylorSeer(), adacache.TeaCache(0.1), adacache.FORA(),
+                                       adacache.FirstBlockCache(0.08)) if p.zcache_base} == {"TaylorSeer", "TeaCache"}
+    assert not adacache.FORA(interval=1).proposes_reuse and adacache.FORA(interval=2).proposes_reuse
+    assert adacache.ZCache().owns_trajectory and not adacache.TaylorSeer().owns_trajectory
+    with pytest.raises(adacache.PolicyError, match="FORA has nothing to calibrate"):
+        adacache.FORA().calibrate(None, None)
+
+
+def test_calibration_the_bench_and_zcache_list_no_policy_classes():
+    """They ask a policy what it can do (calibratable, zcache_base, proposes_reuse,
+    owns_trajectory) instead of testing its class: a new method needs no line in them."""
+    import ast
+    from pathlib import Path
+
+    import adacache.policies
+
+    root = Path(adacache.__file__).parent
+    names = set(adacache.policies.__all__) - {"Policy", "SitePlan", "StepContext", "policy_dataclass"}
+    files = [root / "calibration.py", root / "policies" / "zcache.py", root / "runtime" / "sampling.py",
+             *sorted((root / "bench").glob("*.py"))]
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+                classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+                for cls in classes:
+                    name = getattr(cls, "id", None) or getattr(cls, "attr", None)
+                    if name in names:
+                        found.append(f"{path.name}:{node.lineno} isinstance(..., {name})")
+    assert found == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,15 +14,16 @@ from . import ops
 from .api import compile as compile_model
 from .api import session
 from .errors import PolicyError
-from .policies.adacorrection import AdaCorrection
 from .passes.contract import SitePlan
-from .policies.base import Policy, weight_signature
-from .policies.teacache import TeaCache
+from .policies.base import Policy
 from .runtime.module import Runtime
 from .stepping import StepTracker
 
+if TYPE_CHECKING:
+    from .policies.adacorrection import AdaCorrection
 
-class _Recorder(nn.Module):
+
+class OutputRecorder(nn.Module):
     """Passes calls through to the cached model and keeps each call's main output tensor."""
 
     def __init__(self, inner: nn.Module) -> None:
@@ -48,48 +49,28 @@ def calibrate(model: nn.Module, policy: Policy, run: Callable[[nn.Module], Any],
 
     ``run(denoiser)`` must perform one generation (for example
     ``lambda d: sample(d, labels, num_steps=50)``); the denoiser it receives computes every
-    block while recording. Supported:
+    block while recording. Each policy says what it fits (:meth:`Policy.calibrate`); today:
 
     * :class:`TeaCache`: the rescaling polynomial (``degree``) that maps the change of the
       first block's modulated input to the change of the model output;
     * :class:`AdaCorrection`: one scale per cached unit, so that ``scale * S`` estimates the
-      relative error of reusing that unit's cache (see :func:`fit_offset_scales`); a TeaCache
-      base is fitted first, with the same run.
+      relative error of reusing that unit's cache (see :func:`fit_offset_scales`); a base
+      that can be calibrated is fitted first, with the same run.
 
     Returns a copy of ``policy`` with the fitted parameters.
     """
-    if isinstance(policy, TeaCache):
-        return _calibrate_teacache(model, policy, run, degree)
-    if isinstance(policy, AdaCorrection):
-        if isinstance(policy.base, TeaCache):
-            # The base first: AdaCorrection's scales are fitted on top of the fitted gate.
-            policy = dataclasses.replace(policy, base=_calibrate_teacache(model, policy.base, run, degree))
-        return dataclasses.replace(policy, scales=fit_offset_scales(model, policy, run), calibrated_on=weight_signature(model))
-    raise PolicyError(f"calibrate fits TeaCache and AdaCorrection; {type(policy).__name__} has nothing to calibrate")
+    return policy.calibrate(model, run, degree)
 
 
-def _calibrate_teacache(model: nn.Module, policy: TeaCache, run: Callable[[nn.Module], Any], degree: int) -> TeaCache:
-    """TeaCache: per step, the relative L1 change of the modulated input (the signal, x) and
-    of the model output (what it should predict, y); ``numpy.polyfit(x, y, degree)`` gives
-    the coefficients (highest degree first)."""
-    probe = TeaCache(threshold=policy.threshold, coefficients=(1.0, 0.0), warmup=2**31 - 1)  # never reuse
-    cached = compile_model(model, probe)
-    recorder = _Recorder(cached)
+def recorded_run(model: nn.Module, policy: Policy, run: Callable[[nn.Module], Any]) -> tuple[list[Any], list[torch.Tensor]]:
+    """Run ``run`` once through ``model`` compiled with ``policy`` (which should reuse
+    nothing): each call's step record and main output tensor."""
+    cached = compile_model(model, policy)
+    recorder = OutputRecorder(cached)
     with session(cached) as sess, torch.inference_mode():
         run(recorder)
         records = list(sess.stats.records)
-    xs, ys = [], []
-    last: dict[int, tuple[int, torch.Tensor]] = {}
-    for rec, out in zip(records, recorder.outputs):
-        if rec.slot in last and rec.step == last[rec.slot][0] + 1:
-            prev = last[rec.slot][1]
-            xs.append(float(rec.scores["site_0"]))
-            ys.append(float((out - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)))
-        last[rec.slot] = (rec.step, out)
-    if len(xs) <= degree:
-        raise PolicyError(f"calibration saw {len(xs)} step pairs, fewer than needed for a degree-{degree} fit; run more steps")
-    coefficients = np.polyfit(np.asarray(xs), np.asarray(ys), degree)
-    return dataclasses.replace(policy, coefficients=tuple(float(c) for c in coefficients))
+    return records, recorder.outputs
 
 
 class _UnitRecorder(nn.Module):

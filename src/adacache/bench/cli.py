@@ -102,7 +102,6 @@ def parse_bench_policy(text: str) -> Any:
     """A policy expression, or ``calibrated(<policy>)``: fitted with ``adacache.calibrate`` on the
     bench's sampler at each guidance scale, on seeds disjoint from the scored ones."""
     from adacache.errors import PolicyError
-    from adacache.policies import AdaCorrection, TeaCache
     from adacache.policies.parse import parse_policy
 
     from .tracks import Calibrated
@@ -111,8 +110,8 @@ def parse_bench_policy(text: str) -> Any:
     if stripped.startswith("calibrated(") and stripped.endswith(")"):
         policy = parse_policy(stripped[len("calibrated("):-1])
         # Refused here, not when the quality track reaches it after calibrating the others.
-        if not isinstance(policy, (TeaCache, AdaCorrection)):
-            raise PolicyError(f"calibrated({policy.describe()}): only TeaCache and AdaCorrection have parameters to fit")
+        if not policy.calibratable:
+            raise PolicyError(f"calibrated({policy.describe()}): {type(policy).__name__} has no parameters to fit to a model")
         return Calibrated(policy)
     return parse_policy(stripped)
 

@@ -13,7 +13,6 @@ import torch
 
 import adacache
 from adacache.policies.base import Policy
-from adacache.policies.static import FORA
 
 
 @dataclass
@@ -268,7 +267,7 @@ def _family(policy: Policy) -> str:
     """Curve name in tables and plots: the method, and its base for composed policies."""
     base = getattr(policy, "base", None)
     name = type(policy).__name__ + (f"+{type(base).__name__}" if isinstance(base, Policy) else "")
-    if isinstance(base, FORA) and base.interval == 1:
+    if isinstance(base, Policy) and not base.proposes_reuse:
         name = f"{type(policy).__name__} alone"  # a base that caches every step and proposes no reuse
     granularity = getattr(policy, "granularity", "block")
     calibrated = getattr(policy, "calibrated", False) or getattr(base, "calibrated", False)

@@ -60,8 +60,8 @@ def prepare_policy(policy: Any, model: Any, steps: int, guidance: float) -> Poli
         return policy
     from adacache.reference import sample
 
-    if not isinstance(policy.policy, (adacache.TeaCache, adacache.AdaCorrection)):
-        raise PolicyError(f"calibrated({policy.policy.describe()}): only TeaCache and AdaCorrection have parameters to fit")
+    if not policy.policy.calibratable:
+        raise PolicyError(f"calibrated({policy.policy.describe()}): {type(policy.policy).__name__} has no parameters to fit to a model")
     labels = [s % 10 for s in CALIBRATION_SEEDS]
     return adacache.calibrate(model, policy.policy, lambda d: sample(d, labels, seeds=list(CALIBRATION_SEEDS), num_steps=steps, guidance_scale=guidance))
 

@@ -3,7 +3,8 @@
 from .adacorrection import AdaCorrection
 from .base import Policy, SitePlan, StepContext, policy_dataclass
 from .first_block import FirstBlockCache
-from .static import FORA, NoCache
+from .fora import FORA
+from .nocache import NoCache
 from .taylorseer import TaylorSeer
 from .teacache import TeaCache
 from .zcache import ZCache

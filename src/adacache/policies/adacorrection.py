@@ -23,7 +23,7 @@ from .base import (
     weight_signature,
 )
 from .first_block import FirstBlockCache
-from .static import NoCache
+from .nocache import NoCache
 
 
 @policy_dataclass
@@ -193,3 +193,12 @@ class AdaCorrection(Policy):
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return self.base.schedule(site)
+
+    def calibrate(self, model: Any, run: Any, degree: int = 4) -> "AdaCorrection":
+        """One scale per cached unit, so that ``scale * S`` estimates the relative error of
+        reusing that unit's cache (:func:`adacache.calibration.fit_offset_scales`); a base
+        that can be calibrated is fitted first, with the same run."""
+        from ..calibration import fit_offset_scales
+
+        policy = dataclasses.replace(self, base=self.base.calibrate(model, run, degree)) if self.base.calibratable else self
+        return dataclasses.replace(policy, scales=fit_offset_scales(model, policy, run), calibrated_on=weight_signature(model))

@@ -132,7 +132,27 @@ class Policy:
     backends: ClassVar[tuple[str, ...]] = ("eager", "inductor", "onnx", "tensorrt")
     #: True for trajectory-level policies (Z-Cache) that need ``adacache.sample`` to own the loop.
     owns_trajectory: ClassVar[bool] = False
+    #: True where Z-Cache may roll back this policy's windows: it forecasts or gates every
+    #: block at once, so each full computation closes a window of cached steps.
+    zcache_base: ClassVar[bool] = False
     granularity: Granularity = "block"
+
+    # -- what the policy can do, declared here so that no caller lists policy classes --------
+    @property
+    def proposes_reuse(self) -> bool:
+        """Whether the policy's own schedule ever proposes reuse (``FORA(interval=1)`` keeps
+        caches but proposes none: a base for a policy that decides alone)."""
+        return True
+
+    @property
+    def calibratable(self) -> bool:
+        """Whether :meth:`calibrate` fits parameters of this policy to a model."""
+        return type(self).calibrate is not Policy.calibrate
+
+    def calibrate(self, model: Any, run: Any, degree: int = 4) -> "Policy":
+        """A copy with the parameters fitted to ``model`` from one full-computation run
+        (``run(denoiser)`` performs one generation); see :func:`adacache.calibrate`."""
+        raise PolicyError(f"{type(self).__name__} has nothing to calibrate: its parameters are not fitted to a model")
 
     def plan(self, blocks: list[Region]) -> list[SitePlan]:
         """Turn the model's eligible blocks into cache sites."""

@@ -28,6 +28,8 @@ class TaylorSeer(Policy):
         reuse: ``output`` or ``residual``; default: residual for blocks, output for modules.
     """
 
+    zcache_base = True  # each full computation at its interval closes a window
+
     order: int = 1
     interval: int = 5
     warmup: int = 1
@@ -54,3 +56,7 @@ class TaylorSeer(Policy):
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return {"kind": "interval", "interval": self.interval, "warmup": self.warmup}
+
+    @property
+    def proposes_reuse(self) -> bool:  # type: ignore[override]
+        return self.interval > 1

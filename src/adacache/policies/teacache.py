@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..errors import PolicyError
@@ -27,6 +28,8 @@ class TeaCache(Policy):
             with :func:`adacache.calibrate`.
         warmup: leading steps that always compute.
     """
+
+    zcache_base = True  # each crossing of the threshold closes a window
 
     threshold: float = 0.1
     coefficients: tuple[float, ...] = (1.0, 0.0)
@@ -60,3 +63,26 @@ class TeaCache(Policy):
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return {"kind": "after_warmup", "warmup": self.warmup}
+
+    def calibrate(self, model: Any, run: Any, degree: int = 4) -> "TeaCache":
+        """The rescaling polynomial: per step, the relative L1 change of the modulated input
+        (the signal, x) and of the model output (what it should predict, y);
+        ``numpy.polyfit(x, y, degree)`` gives the coefficients (highest degree first)."""
+        import numpy as np
+
+        from ..calibration import recorded_run
+
+        never_reuse = TeaCache(threshold=self.threshold, coefficients=(1.0, 0.0), warmup=2**31 - 1)
+        records, outputs = recorded_run(model, never_reuse, run)
+        xs, ys = [], []
+        last: dict[int, tuple[int, Any]] = {}
+        for rec, out in zip(records, outputs):
+            if rec.slot in last and rec.step == last[rec.slot][0] + 1:
+                prev = last[rec.slot][1]
+                xs.append(float(rec.scores["site_0"]))
+                ys.append(float((out - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)))
+            last[rec.slot] = (rec.step, out)
+        if len(xs) <= degree:
+            raise PolicyError(f"calibration saw {len(xs)} step pairs, fewer than needed for a degree-{degree} fit; run more steps")
+        coefficients = np.polyfit(np.asarray(xs), np.asarray(ys), degree)
+        return dataclasses.replace(self, coefficients=tuple(float(c) for c in coefficients))

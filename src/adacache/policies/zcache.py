@@ -9,8 +9,7 @@ from typing import Any, Literal
 from ..errors import PolicyError
 from ..passes.regions import Region
 from .base import Policy, SitePlan, check, policy_dataclass
-from .taylorseer import TaylorSeer
-from .teacache import TeaCache
+from .taylorseer import TaylorSeer  # the default base
 
 
 def reflection_weight(k: int, t1: int, t2: int, kind: str = "log") -> float:
@@ -88,7 +87,7 @@ class ZCache(Policy):
         check(isinstance(self.reflect_final_window, bool), "ZCache",
               f"reflect_final_window must be a bool, got {self.reflect_final_window!r}")
         check(self.weight in ("log", "linear"), "ZCache", f"weight must be 'log' or 'linear', got {self.weight!r}")
-        if not isinstance(self.base, (TaylorSeer, TeaCache)):
+        if not (isinstance(self.base, Policy) and self.base.zcache_base):
             raise PolicyError(
                 f"ZCache(base={type(self.base).__name__}) is not supported: reflection re-predicts a window's "
                 "features from the anchors at both ends; use ZCache(base=TaylorSeer(...)) or ZCache(base=TeaCache(...))"

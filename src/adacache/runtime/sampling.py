@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import PolicyError
-from ..policies.zcache import ZCache, reflection_weight
+from ..policies.zcache import reflection_weight
 from .module import CachedModule
 from .session import Session
 
@@ -144,7 +144,7 @@ def sample(
         raise TypeError(f"adacache.sample expects a model returned by adacache.compile, got {type(model).__name__}")
     step_kwargs = dict(step_kwargs or {})
     timesteps = scheduler.timesteps if timesteps is None else timesteps
-    zcache = isinstance(model.adacache.policy, ZCache)
+    zcache = model.adacache.policy.owns_trajectory
     if zcache:
         check_replayable(scheduler, step_kwargs)
     model.adacache.new_request(total_steps=len(timesteps))

@@ -1,7 +1,6 @@
-"""Policies whose reuse schedule is fixed before a step runs: NoCache and FORA."""
+"""FORA: a fixed schedule of full computation every N steps, reuse in between."""
 
 from __future__ import annotations
-
 
 from typing import Any
 
@@ -9,31 +8,6 @@ from ..passes.regions import Region
 from ..stepping import allow_reuse
 from ..validate import policy_number
 from .base import Granularity, Policy, ReuseForm, SitePlan, check, policy_dataclass
-
-
-@policy_dataclass
-class NoCache(Policy):
-    """Pass-through: every eligible block is found and outlined as a site, nothing is cached.
-
-    The rewritten graph computes exactly what the original does (bitwise in float64) and
-    keeps no cache state; it is the correctness anchor and measures the cost of capture and
-    outlining. To measure caching that keeps its state but skips nothing, use
-    ``FORA(interval=1)``.
-    """
-
-    granularity: Granularity = "block"
-
-    def __post_init__(self) -> None:
-        check(self.granularity in ("block", "module"), "NoCache", f"granularity must be 'block' or 'module', got {self.granularity!r}")
-
-    def plan(self, blocks: list[Region]) -> list[SitePlan]:
-        sites = self._per_unit_sites(blocks, "residual" if self.granularity == "block" else "output")
-        for site in sites:
-            site.role = "fresh"
-        return sites
-
-    def schedule(self, site: SitePlan) -> dict[str, Any]:
-        return {"kind": "never"}
 
 
 @policy_dataclass
@@ -82,6 +56,10 @@ class FORA(Policy):
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return {"kind": "interval", "interval": self.interval, "warmup": self.warmup}
+
+    @property
+    def proposes_reuse(self) -> bool:  # type: ignore[override]
+        return self.interval > 1
 
 
 def is_fora_reuse_step(step: int, interval: int, warmup: int) -> bool:
