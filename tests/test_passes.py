@@ -134,7 +134,7 @@ def test_cache_nodes_surround_every_eligible_unit_and_nothing_else(name, granula
     assert aten_ops(gm) == original_ops
     layout = gm.meta["adacache"]
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    assert placeholders[layout.num_user_inputs :] == layout.controls + [s.name for s in layout.states]
+    assert placeholders[layout.num_user_inputs :] == [c.name for c in layout.controls] + [s.name for s in layout.states]
     n_out = len(gm.graph.output_node().args[0])
     assert n_out == layout.num_user_outputs + len(layout.states) + len(layout.signals)
 

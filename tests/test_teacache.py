@@ -93,3 +93,15 @@ def test_teacache_exports_to_onnx(tmp_path):
     cached = adacache.compile(model, adacache.TeaCache(0.6, coefficients=(0.5, 0.02)))
     engine = assert_onnx_matches_eager(cached, inputs, TIMESTEPS, tmp_path / "tea")
     assert engine.reused["site_0"] == adacache.summary(cached).sites[0].reused >= 2
+
+
+def test_adacorrection_over_teacache_exports_to_onnx(tmp_path):
+    """Its first unit emits two scores (the gate's and the offset's): both were named
+    signal__site_0__score, and torch.onnx.export refused the duplicate output name."""
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    policy = adacache.AdaCorrection(base=adacache.TeaCache(0.6, coefficients=(0.5, 0.02)), veto=0.5)
+    cached = adacache.compile(model, policy)
+    engine = assert_onnx_matches_eager(cached, inputs, TIMESTEPS, tmp_path / "ada_tea")
+    summary = adacache.summary(cached)
+    assert [engine.reused[s.site] for s in summary.sites] == [s.reused for s in summary.sites]
+    assert sum(engine.reused.values()) > 0

@@ -99,15 +99,15 @@ def export_onnx(
     device = user_tensors[0].device if user_tensors else torch.device("cpu")
     order = layout.forecast_order
     controls = [
-        torch.ones(order + 1, device=device) if name.startswith("forecast__") else torch.tensor(False, device=device)
-        for name in layout.controls
+        torch.ones(order + 1, device=device) if spec.kind != "allow" else torch.tensor(False, device=device)
+        for spec in layout.controls
     ]
     states = program.initial_state(device)
 
     user_out_names = [f"output_{i}" for i in range(layout.num_user_outputs)]
     state_out_names = [f"{s.name}__out" for s in layout.states]
-    input_names = [*user_names, *layout.controls, *(s.name for s in layout.states)]
-    output_names = [*user_out_names, *state_out_names, *layout.signals]
+    input_names = [*user_names, *(c.name for c in layout.controls), *(s.name for s in layout.states)]
+    output_names = [*user_out_names, *state_out_names, *(s.name for s in layout.signals)]
 
     out_dir = Path(directory)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,25 +144,26 @@ def export_onnx(
         "timestep_input": timestep_input,
         "inputs": [
             *({"name": n, "role": "user", "shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for n, t in zip(user_names, user_tensors)),
-            *({"name": n, "role": "control", "shape": list(c.shape), "dtype": _dtype_name(c.dtype)} for n, c in zip(layout.controls, controls)),
+            *({"name": spec.name, "role": "control", "shape": list(c.shape), "dtype": _dtype_name(c.dtype)} for spec, c in zip(layout.controls, controls)),
             *({"name": s.name, "role": "state", "shape": list(s.shape), "dtype": _dtype_name(s.dtype)} for s in layout.states),
         ],
         "outputs": [
             *({"name": n, "role": "user", "index": i} for i, n in enumerate(user_out_names)),
             *({"name": n, "role": "state"} for n in state_out_names),
-            *({"name": n, "role": "signal"} for n in layout.signals),
+            *({"name": s.name, "role": "signal"} for s in layout.signals),
         ],
         "states": [
             {"name": s.name, "output": f"{s.name}__out", "site": s.site, "kind": s.kind,
              "shape": list(s.shape), "dtype": _dtype_name(s.dtype), "initial": "zeros" if s.kind == "cache" else "false"}
             for s in layout.states
         ],
-        "controls": [{"name": n, "site": n.split("__", 1)[1]} for n in layout.controls if n.startswith("allow__")],
+        "controls": [{"name": c.name, "site": c.site} for c in layout.controls if c.kind == "allow"],
         "forecast": (
-            {"order": order, "coef": "forecast__coef", "update": "forecast__update", "schedule_of": program.cached_sites[0].name}
+            {"order": order, **{c.kind.removeprefix("forecast_"): c.name for c in layout.controls if c.kind != "allow"},
+             "schedule_of": program.cached_sites[0].name}
             if order else None
         ),
-        "signals": [{"name": n, "site": n.split("__")[1], "kind": n.split("__")[2]} for n in layout.signals],
+        "signals": [{"name": s.name, "site": s.site, "kind": s.kind} for s in layout.signals],
         "sites": [
             {"name": s.name, "label": s.label, "role": s.role, "reuse": s.reuse, "gated_by": s.gated_by, "threshold": s.threshold}
             for s in sites.values()

@@ -233,6 +233,25 @@ class StateSpec:
     kind: str  # "cache" (a tensor of the reuse form) or "valid" (0-d bool)
 
 
+@dataclass(frozen=True)
+class ControlSpec:
+    """A host-side graph input fed at every call: a site's reuse-allowed flag, or the
+    forecast's coefficients or update factors for this step."""
+
+    name: str
+    kind: Literal["allow", "forecast_coef", "forecast_update"]
+    site: str | None = None
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """A graph output the runtime reads: a site's reuse verdict, or the score it decided by."""
+
+    name: str
+    site: str
+    kind: Literal["reused", "score"]
+
+
 @dataclass
 class CacheLayout:
     """How the rewritten graph's extra inputs and outputs are laid out.
@@ -245,8 +264,8 @@ class CacheLayout:
     num_user_inputs: int
     num_user_outputs: int
     sites: list[SitePlan] = field(default_factory=list)
-    controls: list[str] = field(default_factory=list)
+    controls: list[ControlSpec] = field(default_factory=list)
     #: highest Taylor order of any site; > 0 adds the ``forecast__coef`` / ``forecast__update`` controls.
     forecast_order: int = 0
     states: list[StateSpec] = field(default_factory=list)
-    signals: list[str] = field(default_factory=list)
+    signals: list[SignalSpec] = field(default_factory=list)

@@ -31,7 +31,17 @@ from torch import fx, nn
 
 from .. import ops
 from ..errors import NotEligibleError
-from .contract import AccumulatedChange, CacheLayout, FollowsGate, OffsetScore, ProbeBelow, SitePlan, StateSpec
+from .contract import (
+    AccumulatedChange,
+    CacheLayout,
+    ControlSpec,
+    FollowsGate,
+    OffsetScore,
+    ProbeBelow,
+    SignalSpec,
+    SitePlan,
+    StateSpec,
+)
 from .hoist import hoist_probe
 from .outline import outline_region, region_parameters
 from .regions import Region, build_region, compute_order, tensor_meta
@@ -178,15 +188,20 @@ class _Rewrite:
         self.states_in.append((spec, node))
         return node
 
-    def control(self, name: str) -> fx.Node:
-        node = self.placeholder(name)
+    def control(self, spec: ControlSpec) -> fx.Node:
+        node = self.placeholder(spec.name)
         self.controls.append(node)
-        self.layout.controls.append(name)
+        self.layout.controls.append(spec)
         return node
 
-    def signal(self, node: fx.Node, name: str) -> None:
+    def signal(self, node: fx.Node, site: str, kind: str) -> None:
+        name = f"signal__{site}__{kind}"
+        taken = {spec.name for spec in self.layout.signals}
+        # A site can emit two scores (an accumulated-change gate under an offset score): graph
+        # outputs need distinct names (ONNX refuses duplicates), so the second gets a suffix.
+        name = next(f"{name}_{k}" if k else name for k in range(len(taken) + 1) if (f"{name}_{k}" if k else name) not in taken)
         self.signals.append(node)
-        self.layout.signals.append(name)
+        self.layout.signals.append(SignalSpec(name, site, kind))  # type: ignore[arg-type]
 
     def finish(self) -> fx.GraphModule:
         """Controls before the state inputs; state and signals after the user outputs."""
@@ -233,7 +248,8 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
     rewrite = _Rewrite(gm, sites)
     rewrite.layout.forecast_order = max((s.order for s in sites), default=0)
     if rewrite.layout.forecast_order:
-        rewrite.forecast = [rewrite.control("forecast__coef"), rewrite.control("forecast__update")]
+        rewrite.forecast = [rewrite.control(ControlSpec("forecast__coef", "forecast_coef")),
+                            rewrite.control(ControlSpec("forecast__update", "forecast_update"))]
     for plan in sites:
         if plan.role == "fresh":
             continue  # outlined only: nothing to cache (NoCache)
@@ -307,7 +323,7 @@ def _score_probe(rewrite: _Rewrite, site: _Site) -> None:
         *((f"cache__{name}__{i}", c, f) for i, (c, f) in enumerate(zip(site.cache, fresh))),
         (f"cache__{name}__valid", site.valid, finite),
     ]
-    rewrite.signal(score, f"signal__{name}__score")
+    rewrite.signal(score, name, "score")
 
 
 @dataclass
@@ -358,7 +374,7 @@ def _lower_accumulated_change(rewrite: _Rewrite, site: _Site, term: AccumulatedC
     rewrite.change_verdicts[name] = passes
     pred.node = graph.call_function(operator.and_, (pred.node, passes))
     verdict = pred.node  # before any offset decision: the gate's own verdict resets its sum
-    rewrite.signal(rescaled, f"signal__{name}__score")
+    rewrite.signal(rescaled, name, "score")
 
     def keep_measure(results: list[fx.Node], reuse: fx.Node) -> None:
         with graph.inserting_before(results[-1].next):
@@ -373,7 +389,7 @@ def _lower_offset_score(rewrite: _Rewrite, site: _Site, term: OffsetScore, pred:
     stored, scale = site.term_state[OffsetScore]
     offset = graph.call_function(ops.adacorrection_score, (_score_input(site.region, site.inputs), stored, rule.lam, scale))
     pred.node = graph.call_function(ops.offset_decision, (pred.node, site.valid, offset, rule.gamma, rule.accept, rule.veto))
-    rewrite.signal(offset, f"signal__{site.plan.name}__score")
+    rewrite.signal(offset, site.plan.name, "score")
     if rule.band:
         weight = graph.call_function(ops.correction_weight, (offset, rule.gamma))
         pred.band_weight = [graph.call_function(ops.blend, (site.valid, weight, graph.call_function(ops.one_like, (weight,))))]
@@ -390,7 +406,7 @@ _LOWER_TERM = {
 def _wrap_in_cond(rewrite: _Rewrite, site: _Site) -> None:
     """``cond(predicate, reuse branch, compute branch)`` in place of the site's call."""
     graph, plan, call = rewrite.graph, site.plan, site.call
-    allow = rewrite.control(f"allow__{plan.name}")
+    allow = rewrite.control(ControlSpec(f"allow__{plan.name}", "allow", plan.name))
     with graph.inserting_before(call):
         pred = _reuse_predicate(rewrite, site, allow)
     state_nodes = [*site.cache, *site.term_state.get(OffsetScore, [])]
@@ -426,7 +442,7 @@ def _wrap_in_cond(rewrite: _Rewrite, site: _Site) -> None:
     rewrite.new_state[site.valid.name] = results[n_out + n_state]
     for step in pred.after:  # state the terms update from the verdict (they add no signal)
         step(results, pred.node)
-    rewrite.signal(pred.node, f"signal__{plan.name}__reused")
+    rewrite.signal(pred.node, plan.name, "reused")
 
 
 def _compute_builder(site: _Site, band: bool) -> Any:

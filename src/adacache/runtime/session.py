@@ -162,10 +162,10 @@ class Session:
         flat = program.captured.flatten_inputs(args, kwargs)
         device = _device_of(flat)
         controls = []
-        for name in program.layout.controls:
-            if name == "forecast__coef":  # reuse D_0 as given: coefficients (1, 0, 0, ...)
+        for spec in program.layout.controls:
+            if spec.kind == "forecast_coef":  # reuse D_0 as given: coefficients (1, 0, 0, ...)
                 controls.append(torch.zeros(program.layout.forecast_order + 1, device=device).index_fill_(0, torch.tensor([0], device=device), 1.0))
-            elif name == "forecast__update":
+            elif spec.kind == "forecast_update":
                 controls.append(torch.zeros(program.layout.forecast_order + 1, device=device))
             else:
                 controls.append(owner.flag(True, device))
@@ -175,9 +175,8 @@ class Session:
 
     def _record(self, program: "Program", signals: Any, states: list[torch.Tensor]) -> None:
         reused, scores = {}, {}
-        for name, value in zip(program.layout.signals, signals):
-            _, site, kind = name.split("__")
-            (reused if kind == "reused" else scores)[site] = value
+        for spec, value in zip(program.layout.signals, signals):
+            (reused if spec.kind == "reused" else scores)[spec.site] = value
         # A site's validity flag after the call is False only when it computed a non-finite
         # cache (a reuse keeps it True), so it is kept as a tensor and counted when read.
         valid_after = {spec.site: tensor for spec, tensor in zip(program.layout.states, states) if spec.kind == "valid"}
