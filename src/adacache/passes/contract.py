@@ -224,13 +224,24 @@ def span_label(regions: tuple[Region, ...] | list[Region]) -> str:
 
 @dataclass
 class StateSpec:
-    """One cache tensor carried between steps: a graph input and the matching output."""
+    """One cache tensor carried between steps: a graph input and the matching output.
+
+    ``role`` says what it holds, so that nothing needs to read it from the name: ``value``
+    (an output's stored value, ``D_0`` of a forecast), ``difference`` (``D_j``, j >= 1),
+    ``input`` and ``input_scale`` (the offset score's stored input and its scale),
+    ``measure`` and ``accumulated`` (an accumulated-change gate's last measured value and
+    running sum), ``valid`` (the cache's validity flag). ``output`` and ``difference``
+    locate ``value`` / ``difference`` tensors.
+    """
 
     name: str
     site: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     kind: str  # "cache" (a tensor of the reuse form) or "valid" (0-d bool)
+    role: str = "value"
+    output: int | None = None
+    difference: int = 0
 
 
 @dataclass(frozen=True)

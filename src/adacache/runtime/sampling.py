@@ -82,34 +82,28 @@ def _forecast_states(session: Session, old: dict[int, list[torch.Tensor]], new: 
     out = {}
     for slot, tensors in new.items():
         layout = session.slots[slot].program.layout
-        names = [s.name for s in layout.states]
-        index = {n: i for i, n in enumerate(names)}
+        located = {(s.site, s.output, s.difference): i for i, s in enumerate(layout.states) if s.output is not None}
         result = list(tensors)
         for i, spec in enumerate(layout.states):
-            if spec.kind == "valid":
+            if spec.role == "valid":
                 result[i] = torch.ones_like(tensors[i])
-                continue
-            base, _, suffix = spec.name.rpartition("_d")
-            if suffix.isdigit() and base in index:
-                result[i] = torch.zeros_like(tensors[i])  # a higher difference of an output below
-                continue
-            if spec.name.endswith("__acc"):
+            elif spec.role == "difference":
+                result[i] = torch.zeros_like(tensors[i])  # folded into the value below
+            elif spec.role == "accumulated":
                 # TeaCache's running sum, set where the gate cannot fail: a replay reuses by definition.
                 result[i] = torch.full_like(tensors[i], -1e30)
-                continue
-            order = layout.forecast_order
-            terms = [index.get(f"{spec.name}_d{j}") for j in range(1, order + 1)]
-            if not spec.name.split("__")[-1].isdigit():
-                continue  # not a cached output (e.g. an offset-score input): keep as is
+            elif spec.role == "value":
+                terms = [located.get((spec.site, spec.output, j)) for j in range(1, layout.forecast_order + 1)]
 
-            def forecast(states: list[torch.Tensor], k: int) -> torch.Tensor:
-                value = states[i].clone()
-                for j, pos in enumerate(terms, start=1):
-                    if pos is not None:
-                        value = value + states[pos] * (k**j / math.factorial(j))
-                return value
+                def forecast(states: list[torch.Tensor], k: int, i: int = i, terms: list[int | None] = terms) -> torch.Tensor:
+                    value = states[i].clone()
+                    for j, pos in enumerate(terms, start=1):
+                        if pos is not None:
+                            value = value + states[pos] * (k**j / math.factorial(j))
+                    return value
 
-            result[i] = (1 - w) * forecast(old[slot], k_old) + w * forecast(tensors, k_new)
+                result[i] = (1 - w) * forecast(old[slot], k_old) + w * forecast(tensors, k_new)
+            # an offset score's stored input and scale, a gate's measured value: kept as they are
         out[slot] = result
     return out
 
