@@ -195,11 +195,13 @@ class _Rewrite:
         return node
 
     def signal(self, node: fx.Node, site: str, kind: str) -> None:
-        name = f"signal__{site}__{kind}"
-        taken = {spec.name for spec in self.layout.signals}
         # A site can emit two scores (an accumulated-change gate under an offset score): graph
         # outputs need distinct names (ONNX refuses duplicates), so the second gets a suffix.
-        name = next(f"{name}_{k}" if k else name for k in range(len(taken) + 1) if (f"{name}_{k}" if k else name) not in taken)
+        base = name = f"signal__{site}__{kind}"
+        taken = {spec.name for spec in self.layout.signals}
+        suffix = 1
+        while name in taken:
+            name, suffix = f"{base}_{suffix}", suffix + 1
         self.signals.append(node)
         self.layout.signals.append(SignalSpec(name, site, kind))  # type: ignore[arg-type]
 
