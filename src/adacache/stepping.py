@@ -6,6 +6,8 @@ deployed engine makes exactly the decisions the eager model makes.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +150,19 @@ class StepTracker:
         self.step, self.slot, self.last_timestep = -1, 0, None
         self.direction, self.last_gap = 0, 0.0
         self._explicit_next = False
+
+
+def call_timestep(low: float, high: float, error: type[Exception]) -> float | None:
+    """The one timestep of a call from its rows' lowest and highest value.
+
+    ``None`` when a row is NaN or infinite: such a call computes every site (a non-finite
+    input is never served from a cache) and holds no place in the schedule. Rows that differ
+    raise ``error`` (:func:`mixed_timesteps_message`)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    if low != high:
+        raise error(mixed_timesteps_message(low, high))
+    return low
 
 
 def mixed_timesteps_message(low: float, high: float) -> str:

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 import adacache
-from adacache.errors import PolicyError
 from adacache.policies.base import Policy
 
 from .runner import Row, Settling, Variant, apply_timings, control_row, control_variant, policy_variant, time_interleaved
@@ -60,8 +59,6 @@ def prepare_policy(policy: Any, model: Any, steps: int, guidance: float) -> Poli
         return policy
     from adacache.reference import sample
 
-    if not policy.policy.calibratable:
-        raise PolicyError(f"calibrated({policy.policy.describe()}): {type(policy.policy).__name__} has no parameters to fit to a model")
     labels = [s % 10 for s in CALIBRATION_SEEDS]
     return adacache.calibrate(model, policy.policy, lambda d: sample(d, labels, seeds=list(CALIBRATION_SEEDS), num_steps=steps, guidance_scale=guidance))
 

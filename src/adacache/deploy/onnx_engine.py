@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError
-from ..stepping import StepTracker, allow_reuse, forecast_controls, mixed_timesteps_message
+from ..stepping import StepTracker, allow_reuse, call_timestep, forecast_controls
 from .manifest import read_manifest
 from .requests import PerThreadRequests, RequestState, reused_sites
 
@@ -186,12 +186,7 @@ class OnnxEngine:
         value = arrays[name].reshape(-1)
         if not value.size:
             return None
-        low, high = float(value.min()), float(value.max())
-        if not (np.isfinite(low) and np.isfinite(high)):
-            return None  # computed in full (the graph never reuses for a non-finite input); no place in the schedule
-        if low != high:
-            raise ArtifactError(mixed_timesteps_message(low, high))
-        return low
+        return call_timestep(float(value.min()), float(value.max()), ArtifactError)
 
     def __call__(self, **feeds: Any) -> dict[str, np.ndarray]:
         arrays = self._check_inputs(feeds)

@@ -7,13 +7,12 @@ input and output cache buffers swap after each call, so cache state never leaves
 
 from __future__ import annotations
 
-import math
 import threading
 from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError, SessionError
-from ..stepping import StepTracker, allow_reuse, forecast_controls, mixed_timesteps_message
+from ..stepping import StepTracker, allow_reuse, call_timestep, forecast_controls
 from .manifest import read_manifest
 from .requests import PerThreadRequests, reused_sites
 
@@ -106,11 +105,7 @@ class TensorRTEngine:
         if not flat.numel():
             return None
         low, high = (float(v) for v in flat.aminmax())
-        if not (math.isfinite(low) and math.isfinite(high)):
-            return None  # computed in full (the graph never reuses for a non-finite input); no place in the schedule
-        if low != high:
-            raise ArtifactError(mixed_timesteps_message(low, high))
-        return low
+        return call_timestep(low, high, ArtifactError)
 
     def __call__(self, **feeds: Any) -> dict[str, Any]:
         self._check_thread()

@@ -238,10 +238,14 @@ class StateSpec:
     site: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    kind: str  # "cache" (a tensor of the reuse form) or "valid" (0-d bool)
     role: str = "value"
     output: int | None = None
     difference: int = 0
+
+    @property
+    def kind(self) -> str:
+        """``valid`` (the 0-d bool validity flag) or ``cache`` (every other state tensor)."""
+        return "valid" if self.role == "valid" else "cache"
 
 
 @dataclass(frozen=True)

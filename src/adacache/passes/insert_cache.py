@@ -276,7 +276,7 @@ def _declare_state(rewrite: _Rewrite, plan: SitePlan) -> _Site:
         val = tensor_meta(item)
         for j in range(plan.order + 1):
             name = f"cache__{plan.name}__{i}" + (f"_d{j}" if j else "")
-            cache.append(rewrite.state(StateSpec(name, plan.name, tuple(val.shape), val.dtype, "cache",
+            cache.append(rewrite.state(StateSpec(name, plan.name, tuple(val.shape), val.dtype,
                                                  role="difference" if j else "value", output=i, difference=j)))
     inputs = list(call.args[: len(region.inputs)])
     term_state = {}
@@ -284,7 +284,7 @@ def _declare_state(rewrite: _Rewrite, plan: SitePlan) -> _Site:
         term = plan.term(kind)
         if term is not None:
             term_state[kind] = [rewrite.state(spec) for spec in declare(plan, term, region, inputs)]
-    valid = rewrite.state(StateSpec(f"cache__{plan.name}__valid", plan.name, (), torch.bool, "valid", role="valid"))
+    valid = rewrite.state(StateSpec(f"cache__{plan.name}__valid", plan.name, (), torch.bool, role="valid"))
     return _Site(plan, region, call, inputs, list(call.args[len(region.inputs):]), outputs, cache, term_state, valid)
 
 
@@ -292,15 +292,15 @@ def _offset_state(plan: SitePlan, term: OffsetScore, region: Region, inputs: lis
     # The input of the last full step, and its scale (mean token norm, per item): computed
     # once when the input is stored, not again at every step that scores against it.
     val = tensor_meta(_score_input(region, inputs))
-    return [StateSpec(f"cache__{plan.name}__in", plan.name, tuple(val.shape), val.dtype, "cache", role="input"),
-            StateSpec(f"cache__{plan.name}__in_scale", plan.name, (val.shape[0],), torch.float32, "cache", role="input_scale")]
+    return [StateSpec(f"cache__{plan.name}__in", plan.name, tuple(val.shape), val.dtype, role="input"),
+            StateSpec(f"cache__{plan.name}__in_scale", plan.name, (val.shape[0],), torch.float32, role="input_scale")]
 
 
 def _change_state(plan: SitePlan, term: AccumulatedChange, region: Region, inputs: list[fx.Node]) -> list[StateSpec]:
     # The previous step's measured node, and the running sum of its rescaled changes.
     val = tensor_meta(term.node)
-    return [StateSpec(f"cache__{plan.name}__probe", plan.name, tuple(val.shape), val.dtype, "cache", role="measure"),
-            StateSpec(f"cache__{plan.name}__acc", plan.name, (), torch.float32, "cache", role="accumulated")]
+    return [StateSpec(f"cache__{plan.name}__probe", plan.name, tuple(val.shape), val.dtype, role="measure"),
+            StateSpec(f"cache__{plan.name}__acc", plan.name, (), torch.float32, role="accumulated")]
 
 
 #: The state each kind of term keeps, in the order the state inputs are laid out (after the

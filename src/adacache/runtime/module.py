@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import math
 import sys
 import threading
 import warnings
@@ -249,14 +248,7 @@ class Runtime:
             else:
                 low_t, high_t = value.detach().reshape(-1).aminmax()
                 low, high = float(low_t), float(high_t)  # the aminmax above is one kernel; these read it
-            if not (math.isfinite(low) and math.isfinite(high)):
-                # A NaN or infinite timestep: the call computes every site (a non-finite input
-                # is never served from a cache) and returns the model's own output; it holds
-                # no place in the schedule.
-                return None
-            if low != high:
-                raise SessionError(stepping.mixed_timesteps_message(low, high))
-            return low
+            return stepping.call_timestep(low, high, SessionError)
         # A number is part of the input signature by value (torch.export specialises on it):
         # every step would capture a new graph and reuse nothing. Refused with what to pass.
         raise InputError(
