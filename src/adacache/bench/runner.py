@@ -228,8 +228,9 @@ def control_variant(baseline: Variant) -> Variant:
     1.00x whenever the machine gives both runs of a pair the same conditions.
 
     ``NoCache`` is not the control: it runs the captured graph, not the module, and on a small
-    model that alone is measurably faster (1.06-1.09x on the reference model here, docs in
-    BENCHMARKS.md); its ratio is a measurement, the control's is the machine's noise.
+    model that alone is measurably faster (1.06-1.11x on the reference model in every quiet
+    ``bench --quick`` run here, see the README); its ratio is a measurement, the control's is
+    the machine's noise.
     """
     return Variant(CONTROL, CONTROL_FAMILY, baseline.denoiser, new_generation=baseline.new_generation)
 
