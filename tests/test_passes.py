@@ -14,7 +14,7 @@ from adacache.capture import capture
 from adacache.passes import find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites, require_finite_inputs
 from adacache.passes.lower import _python_binding, branch, drop_state_copies
 from adacache.policies.base import span_label
-from adacache.runtime.program import copy_graph_module
+from adacache.compiler import copy_graph_module
 from families import FAMILIES
 
 

@@ -185,13 +185,13 @@ def test_total_steps_reach_the_policy():
     seen: list[StepContext] = []
     cached = adacache.compile(model, adacache.FORA(interval=2))
     runtime = cached.adacache
-    original = runtime.controls
+    original = runtime.step_inputs.controls
 
     def spy(program, ctx, device):
         seen.append(ctx)
         return original(program, ctx, device)
 
-    runtime.controls = spy
+    runtime.step_inputs.controls = spy
     runtime.new_request(total_steps=3)
     _run(cached, at, SCHEDULE[:3])
     _run(cached, at, SCHEDULE[3:5])  # past the announced length: another (inferred) request

@@ -13,7 +13,8 @@ from .report import SiteSummary, Summary, graph_diff
 from .policies.base import Policy
 from .runtime import CachedModule, Session
 from .runtime.module import Runtime, compiled_view, plain_model
-from .runtime.pipeline import DENOISER_NAMES, compile_pipeline, is_pipeline, uncompile_pipeline
+from .runtime.callers import is_pipeline
+from .runtime.pipeline import DENOISER_NAMES, compile_pipeline, uncompile_pipeline
 from .validate import check_example_inputs
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import fx
 
 from . import ops
+from .passes.contract import graph_name, name_group
 from .passes.find_blocks import REGION_META
 from .passes.lower import branch
 
@@ -84,13 +85,15 @@ def graph_structure(gm: fx.GraphModule, collapse_regions: bool = True) -> list[s
         token = _token(node)
         if token is None:
             continue
-        prefix = token.split("__")[0] if token.startswith("input ") and "__" in token else None
-        if prefix and lines and lines[-1].startswith(prefix + "__* x"):
-            lines[-1] = f"{prefix}__* x{int(lines[-1].rsplit('x', 1)[1]) + 1}"
-            continue
-        if prefix:
-            flush()
-            lines.append(f"{prefix}__* x1")
+        group = name_group(token.removeprefix("input ")) if token.startswith("input ") else None
+        if group is not None:
+            prefix = f"input {graph_name(group, '*')} x"  # a run of one group's inputs is one line
+            if lines and lines[-1].startswith(prefix):
+                count = int(lines.pop()[len(prefix):])
+            else:
+                flush()
+                count = 0
+            lines.append(f"{prefix}{count + 1}")
             continue
         if token == "op":
             if region is not None:

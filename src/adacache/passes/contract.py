@@ -34,6 +34,24 @@ import torch
 
 from .regions import Region
 
+#: The graph inputs and outputs the passes add are named ``<group>__<site>__<part>``; the
+#: group says what they carry: ``cache`` (state), ``allow`` and ``forecast`` (controls),
+#: ``signal`` (a call's reuse decisions and scores). Readers get a name's group from
+#: :func:`name_group`; the specs in :class:`CacheLayout` carry everything else.
+_NAME_SEPARATOR = "__"
+
+
+def graph_name(group: str, *parts: str) -> str:
+    """The name of a graph input or output the passes add (see :func:`name_group`)."""
+    return _NAME_SEPARATOR.join((group, *parts))
+
+
+def name_group(name: str) -> str | None:
+    """The group of a name made by :func:`graph_name` (``cache``, ``allow``, ...), else None."""
+    group, separator, _ = name.partition(_NAME_SEPARATOR)
+    return group if separator else None
+
+
 Role = Literal["cached", "probe", "fresh"]
 ReuseForm = Literal["residual", "output"]
 

@@ -41,6 +41,7 @@ from .contract import (
     SignalSpec,
     SitePlan,
     StateSpec,
+    graph_name,
 )
 from .hoist import hoist_probe
 from .outline import outline_region, region_parameters
@@ -197,7 +198,7 @@ class _Rewrite:
     def signal(self, node: fx.Node, site: str, kind: str) -> None:
         # A site can emit two scores (an accumulated-change gate under an offset score): graph
         # outputs need distinct names (ONNX refuses duplicates), so the second gets a suffix.
-        base = name = f"signal__{site}__{kind}"
+        base = name = graph_name("signal", site, kind)
         taken = {spec.name for spec in self.layout.signals}
         suffix = 1
         while name in taken:
@@ -250,8 +251,8 @@ def insert_cache_nodes(gm: fx.GraphModule, sites: list[SitePlan]) -> fx.GraphMod
     rewrite = _Rewrite(gm, sites)
     rewrite.layout.forecast_order = max((s.order for s in sites), default=0)
     if rewrite.layout.forecast_order:
-        rewrite.forecast = [rewrite.control(ControlSpec("forecast__coef", "forecast_coef")),
-                            rewrite.control(ControlSpec("forecast__update", "forecast_update"))]
+        rewrite.forecast = [rewrite.control(ControlSpec(graph_name("forecast", "coef"), "forecast_coef")),
+                            rewrite.control(ControlSpec(graph_name("forecast", "update"), "forecast_update"))]
     for plan in sites:
         if plan.role == "fresh":
             continue  # outlined only: nothing to cache (NoCache)
@@ -275,7 +276,7 @@ def _declare_state(rewrite: _Rewrite, plan: SitePlan) -> _Site:
     for i, item in enumerate(outputs):
         val = tensor_meta(item)
         for j in range(plan.order + 1):
-            name = f"cache__{plan.name}__{i}" + (f"_d{j}" if j else "")
+            name = graph_name("cache", plan.name, str(i)) + (f"_d{j}" if j else "")
             cache.append(rewrite.state(StateSpec(name, plan.name, tuple(val.shape), val.dtype,
                                                  role="difference" if j else "value", output=i, difference=j)))
     inputs = list(call.args[: len(region.inputs)])
@@ -284,7 +285,7 @@ def _declare_state(rewrite: _Rewrite, plan: SitePlan) -> _Site:
         term = plan.term(kind)
         if term is not None:
             term_state[kind] = [rewrite.state(spec) for spec in declare(plan, term, region, inputs)]
-    valid = rewrite.state(StateSpec(f"cache__{plan.name}__valid", plan.name, (), torch.bool, role="valid"))
+    valid = rewrite.state(StateSpec(graph_name("cache", plan.name, "valid"), plan.name, (), torch.bool, role="valid"))
     return _Site(plan, region, call, inputs, list(call.args[len(region.inputs):]), outputs, cache, term_state, valid)
 
 
@@ -292,15 +293,15 @@ def _offset_state(plan: SitePlan, term: OffsetScore, region: Region, inputs: lis
     # The input of the last full step, and its scale (mean token norm, per item): computed
     # once when the input is stored, not again at every step that scores against it.
     val = tensor_meta(_score_input(region, inputs))
-    return [StateSpec(f"cache__{plan.name}__in", plan.name, tuple(val.shape), val.dtype, role="input"),
-            StateSpec(f"cache__{plan.name}__in_scale", plan.name, (val.shape[0],), torch.float32, role="input_scale")]
+    return [StateSpec(graph_name("cache", plan.name, "in"), plan.name, tuple(val.shape), val.dtype, role="input"),
+            StateSpec(graph_name("cache", plan.name, "in_scale"), plan.name, (val.shape[0],), torch.float32, role="input_scale")]
 
 
 def _change_state(plan: SitePlan, term: AccumulatedChange, region: Region, inputs: list[fx.Node]) -> list[StateSpec]:
     # The previous step's measured node, and the running sum of its rescaled changes.
     val = tensor_meta(term.node)
-    return [StateSpec(f"cache__{plan.name}__probe", plan.name, tuple(val.shape), val.dtype, role="measure"),
-            StateSpec(f"cache__{plan.name}__acc", plan.name, (), torch.float32, role="accumulated")]
+    return [StateSpec(graph_name("cache", plan.name, "probe"), plan.name, tuple(val.shape), val.dtype, role="measure"),
+            StateSpec(graph_name("cache", plan.name, "acc"), plan.name, (), torch.float32, role="accumulated")]
 
 
 #: The state each kind of term keeps, in the order the state inputs are laid out (after the
@@ -323,8 +324,8 @@ def _score_probe(rewrite: _Rewrite, site: _Site) -> None:
         finite = graph.call_function(ops.all_finite, tuple(fresh))
     rewrite.probe_gates[name] = (score, site.valid)
     rewrite.probe_state[name] = [
-        *((f"cache__{name}__{i}", c, f) for i, (c, f) in enumerate(zip(site.cache, fresh))),
-        (f"cache__{name}__valid", site.valid, finite),
+        *((graph_name("cache", name, str(i)), c, f) for i, (c, f) in enumerate(zip(site.cache, fresh))),
+        (graph_name("cache", name, "valid"), site.valid, finite),
     ]
     rewrite.signal(score, name, "score")
 
@@ -409,7 +410,7 @@ _LOWER_TERM = {
 def _wrap_in_cond(rewrite: _Rewrite, site: _Site) -> None:
     """``cond(predicate, reuse branch, compute branch)`` in place of the site's call."""
     graph, plan, call = rewrite.graph, site.plan, site.call
-    allow = rewrite.control(ControlSpec(f"allow__{plan.name}", "allow", plan.name))
+    allow = rewrite.control(ControlSpec(graph_name("allow", plan.name), "allow", plan.name))
     with graph.inserting_before(call):
         pred = _reuse_predicate(rewrite, site, allow)
     state_nodes = [*site.cache, *site.term_state.get(OffsetScore, [])]

@@ -19,15 +19,11 @@ from typing import Any
 from torch import nn
 
 from ..errors import NotEligibleError
+from .callers import COMPILED_PIPELINE_MARK
 from .module import CachedModule, Runtime, compiled_view, plain_model
 
 #: Pipeline components that are denoisers adacache caches (Wan 2.2 has two).
 DENOISER_NAMES = ("transformer", "transformer_2")
-
-
-def is_pipeline(obj: Any) -> bool:
-    """Whether ``obj`` is a diffusers pipeline (without importing diffusers when it is absent)."""
-    return any(cls.__name__ == "DiffusionPipeline" for cls in type(obj).__mro__) and hasattr(obj, "components")
 
 
 def _denoisers(pipe: Any) -> list[str]:
@@ -63,11 +59,6 @@ def compile_pipeline(pipe: Any, policy: Any, make_runtime: Callable[[nn.Module],
     return compiled
 
 
-def is_compiled_pipeline(obj: Any) -> bool:
-    """Whether ``obj`` is a pipeline returned by ``adacache.compile`` (each call one request)."""
-    return hasattr(type(obj), "_adacache_pipeline_base")
-
-
 def uncompile_pipeline(pipe: Any) -> Any:
     """A copy of ``pipe`` with plain denoisers and the pipeline's own class."""
     plain = copy.copy(pipe)
@@ -80,7 +71,7 @@ def uncompile_pipeline(pipe: Any) -> Any:
 
 
 def _plain_pipeline_class(cls: type) -> type:
-    return getattr(cls, "_adacache_pipeline_base", cls)
+    return getattr(cls, COMPILED_PIPELINE_MARK, cls)
 
 
 def steps_of(scheduler: Any) -> int | None:
@@ -111,7 +102,7 @@ def _request_per_call_class(base: type) -> type:
         base.__name__,
         (base,),
         {"__call__": __call__, "__reduce_ex__": _refuse_pickling, "__copy__": _copy, "__deepcopy__": _deepcopy,
-         "_adacache_pipeline_base": base, "__module__": base.__module__, "__qualname__": base.__qualname__},
+         COMPILED_PIPELINE_MARK: base, "__module__": base.__module__, "__qualname__": base.__qualname__},
     )
 
 

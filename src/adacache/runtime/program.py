@@ -1,8 +1,9 @@
-"""A *program*: the model captured on one input signature and rewritten for one policy."""
+"""A *program*: the model captured on one input signature and rewritten for one policy,
+with what the runtime keeps beside it (the model fingerprint it was captured from)."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,29 +11,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..capture import CapturedGraph, capture
-from ..passes.lower import bind_operators, drop_state_copies, hoist_attributes
-from ..passes import CacheLayout, Region, find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites, require_finite_inputs
+from ..compiler import CompiledGraph, compile_graph
 from ..passes.contract import SitePlan
 from ..policies.base import Policy
 
 
 @dataclass
-class Program:
-    """Everything the runtime needs to run one input signature.
+class Program(CompiledGraph):
+    """Everything the runtime needs to run one input signature (see :class:`CompiledGraph`)."""
 
-    ``graph_module`` is the backend-ready graph; ``portable`` is the same rewritten graph
-    with ``torch.ops.higher_order.cond`` nodes, the form handed to ``torch.compile`` and
-    exporters; ``original`` is the captured graph before rewriting (for ``explain``).
-    """
-
-    captured: CapturedGraph
-    portable: fx.GraphModule
-    graph_module: Any
-    layout: CacheLayout
-    blocks: list[Region]
-    original: fx.GraphModule
-    backend: str
     #: What the graph assumed about the model (set by the runtime when it captures).
     fingerprint: Any = field(default=None, repr=False)
     #: The registration epoch at which the fingerprint was last found to match.
@@ -57,41 +44,11 @@ class Program:
         return self._flops
 
 
-def build_program(
-    model: nn.Module,
-    policy: Policy,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    *,
-    blocks: Any = None,
-    backend: str = "eager",
-) -> Program:
-    """Capture ``model`` on these inputs, find its blocks, and apply ``policy``'s cache passes."""
-    captured = capture(model, args, kwargs)
-    gm = captured.graph_module
-    found = find_blocks(gm, model, blocks)
-    # Copy after annotation so the "before" graph shows the blocks that were found.
-    original = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    sites = policy.plan(found)
-    outline_sites(gm, sites)
-    insert_cache_nodes(gm, sites)
-    require_finite_inputs(gm)
-    layout: CacheLayout = gm.meta["adacache"]
-    portable = gm
-    if backend == "eager":
-        runnable: Any = hoist_attributes(bind_operators(drop_state_copies(lower_cond_to_python(copy_graph_module(gm)))))
-    elif backend == "inductor":
-        runnable = torch.compile(gm, backend="inductor", dynamic=False, fullgraph=True)
-    else:
-        raise ValueError(f"unknown backend {backend!r}; use 'eager' or 'inductor' (ONNX / TensorRT go through adacache.export)")
-    return Program(captured, portable, runnable, layout, found, original, backend)
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph; submodules and parameters are shared."""
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    new.meta.update(gm.meta)
-    return new
+def build_program(model: nn.Module, policy: Policy, args: tuple[Any, ...], kwargs: dict[str, Any], **options: Any) -> Program:
+    """Run the compile pipeline (:func:`adacache.compiler.compile_graph`, which takes
+    ``blocks`` and ``backend`` as ``options``) for these inputs."""
+    graph = compile_graph(model, policy, args, kwargs, **options)
+    return Program(**{f.name: getattr(graph, f.name) for f in dataclasses.fields(CompiledGraph)})
 
 
 def _fake_inputs(nodes: list[fx.Node], mode: Any) -> list[Any]:

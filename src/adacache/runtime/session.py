@@ -33,10 +33,11 @@ from ..capture import InputSignature
 from ..errors import SessionError
 from ..policies.base import StepContext
 from ..stepping import NEW_REQUEST, StepTracker
+from .programs import ProgramCache
 from .stats import SessionStats, StepRecord
+from .step_inputs import StepInputs
 
 if TYPE_CHECKING:
-    from .module import Runtime
     from .program import Program
 
 
@@ -51,9 +52,16 @@ class SlotState:
 
 @dataclass
 class Session:
-    """Per-request state of a compiled model. Create with ``adacache.session(model)``."""
+    """Per-request state of a compiled model. Create with ``adacache.session(model)``.
 
-    owner: "Runtime"
+    A session is handed what it runs with: the model's ``programs`` (captured per input
+    signature) and its ``inputs`` (the timestep reader and the policy's step controls);
+    ``on_inferred_request`` is called when a call starts a request nobody announced.
+    """
+
+    programs: ProgramCache
+    inputs: StepInputs
+    on_inferred_request: Callable[[], None] = lambda: None
     stats: SessionStats = field(default_factory=SessionStats)
     tracker: StepTracker = field(default_factory=StepTracker)
     slots: dict[int, SlotState] = field(default_factory=dict)
@@ -95,7 +103,7 @@ class Session:
         if event == NEW_REQUEST:
             if not self.tracker.explicit:
                 self.total_steps = None  # an inferred request: its length is not known
-                self.owner.warn_if_inside_a_plain_pipeline()
+                self.on_inferred_request()
             if self.stats.records:
                 self.stats.close_generation()
         self.stats.generations = self.tracker.generations
@@ -123,12 +131,11 @@ class Session:
             raise
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        owner = self.owner
-        starts_fresh = self._advance(owner.timestep_of(args, kwargs))
-        program, signature = owner.program_for(args, kwargs, self.stats, check_model=starts_fresh)
+        starts_fresh = self._advance(self.inputs.timestep(args, kwargs))
+        program, signature = self.programs.get(args, kwargs, self.stats, check_model=starts_fresh)
         flat = program.captured.flatten_inputs(args, kwargs)
         if torch.is_grad_enabled() and program.layout.states:
-            _refuse_gradients(owner, flat)
+            _refuse_gradients(self.programs, flat)
         device = _device_of(flat)
 
         slot = self.slots.get(self.slot)
@@ -142,7 +149,7 @@ class Session:
         if callable(self.total_steps):
             self.total_steps = self.total_steps()
         ctx = StepContext(step=self.step, slot=self.slot, timestep=self.tracker.last_timestep, total_steps=self.total_steps)
-        controls = owner.controls(program, ctx, device)
+        controls = self.inputs.controls(program, ctx, device)
         outputs = program.graph_module(*flat, *controls, *slot.tensors)
         layout = program.layout
         n_user, n_state = layout.num_user_outputs, len(layout.states)
@@ -157,18 +164,9 @@ class Session:
         the network runs. The session's caches, step counter and statistics are untouched;
         ``states`` follow ``program.layout.states`` for the program of these inputs.
         """
-        owner = self.owner
-        program, _ = owner.program_for(args, kwargs, self.stats, check_model=False)
+        program, _ = self.programs.get(args, kwargs, self.stats, check_model=False)
         flat = program.captured.flatten_inputs(args, kwargs)
-        device = _device_of(flat)
-        controls = []
-        for spec in program.layout.controls:
-            if spec.kind == "forecast_coef":  # reuse D_0 as given: coefficients (1, 0, 0, ...)
-                controls.append(torch.zeros(program.layout.forecast_order + 1, device=device).index_fill_(0, torch.tensor([0], device=device), 1.0))
-            elif spec.kind == "forecast_update":
-                controls.append(torch.zeros(program.layout.forecast_order + 1, device=device))
-            else:
-                controls.append(owner.flag(True, device))
+        controls = self.inputs.replay_controls(program, _device_of(flat))
         outputs = program.graph_module(*flat, *controls, *states)
         self.stats.replays += 1
         return program.captured.unflatten_outputs(outputs[: program.layout.num_user_outputs])
@@ -187,13 +185,13 @@ class Session:
         return sum(t.numel() * t.element_size() for s in self.slots.values() for t in s.tensors)
 
 
-def _refuse_gradients(owner: "Runtime", flat: list[Any]) -> None:
+def _refuse_gradients(programs: ProgramCache, flat: list[Any]) -> None:
     """A caching policy under autograd: reused features carry no gradient to the blocks they
     skip, and the caches would keep every step's autograd graph alive. Refused, saying why."""
     inputs = any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
-    if inputs or any(p.requires_grad for p in owner.model.parameters()):
+    if inputs or any(p.requires_grad for p in programs.model.parameters()):
         raise SessionError(
-            f"{type(owner.model).__name__} is compiled with {owner.policy.describe()}, which reuses cached features, and was "
+            f"{type(programs.model).__name__} is compiled with {programs.policy.describe()}, which reuses cached features, and was "
             "called with gradients enabled: reused steps carry no gradient to the blocks they skip, and the caches would "
             "keep each step's autograd graph alive. Run inference under torch.no_grad() or torch.inference_mode() "
             "(diffusers pipelines do), or train the plain model (adacache.uncompile(model))"
