@@ -27,7 +27,7 @@ import torch
 import adacache
 from adacache.backends.onnx import export_plain_onnx
 from adacache.bench.runner import machine_info
-from adacache.cli import load_named_model
+from adacache.named_models import load_named_model
 from adacache.policies.parse import parse_policy
 
 

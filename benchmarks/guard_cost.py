@@ -21,7 +21,7 @@ import torch
 
 import adacache
 from adacache.bench.runner import machine_info
-from adacache.cli import load_named_model
+from adacache.named_models import load_named_model
 from adacache.runtime import guards
 
 

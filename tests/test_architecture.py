@@ -88,9 +88,23 @@ def test_the_import_graph_sees_lazy_and_relative_imports():
     assert "adacache.runtime" not in graph["adacache.runtime.programs"]
 
 
-def test_no_import_cycle_in_the_runtime():
-    runtime = {m: {t for t in ts if t.startswith("adacache.runtime")} for m, ts in import_graph().items() if m.startswith("adacache.runtime")}
-    assert import_cycles(runtime) == []
+def test_no_import_cycle_in_the_package():
+    """Lazy imports included: a cycle through a function-level import is still a cycle."""
+    assert import_cycles(import_graph()) == []
+
+
+def test_each_anchor_system_is_one_module():
+    """The bench's anchors: one module per system, assembled by the package (issue 29, stage 5)."""
+    from adacache.bench import anchors
+    from adacache.bench.anchors import cache_dit_dbcache, diffusers_hooks
+
+    assert {m.SYSTEM for m in (diffusers_hooks, cache_dit_dbcache)} == set(anchors.supported_anchors())
+    for system in (diffusers_hooks, cache_dit_dbcache):
+        assert {c.system for c in system.sweeps(False, 50)} == {system.SYSTEM}
+        assert {c.method for c in system.sweeps(False, 50)} == set(system.METHODS)
+    graph = import_graph()
+    assert "adacache.bench.anchors.cache_dit_dbcache" not in graph["adacache.bench.anchors.diffusers_hooks"]
+    assert "adacache.bench.anchors.diffusers_hooks" not in graph["adacache.bench.anchors.cache_dit_dbcache"]
 
 
 def test_only_the_contract_reads_graph_names():

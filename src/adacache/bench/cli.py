@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adacache.cli import MODELS, accepted_by, finite_float, int_in, output_folder
+from adacache.arguments import accepted_by, finite_float, int_in, output_folder
+from adacache.named_models import MODELS
 
 QUICK_POLICIES = ("NoCache()", "FORA(interval=3)", "FirstBlockCache(0.08)")
 FULL_POLICIES = (

@@ -203,7 +203,7 @@ def speed_track(
     settle: Settling | None = None,
 ) -> list[Row]:
     """Per-step speed of each policy on random-weight DiT-S/2 and DiT-B/2 (32x32x4, batch 2)."""
-    from adacache.cli import load_named_model
+    from adacache.named_models import load_named_model
 
     rows: list[Row] = []
     for config in configs:
@@ -260,7 +260,7 @@ def overhead_track(configs: Sequence[str] = ("diffusers-dit-s", "diffusers-dit-b
                    settle: Settling | None = None) -> list[Row]:
     """Per-step cost of caching machinery that skips nothing: adacache NoCache and each anchor
     with a never-skip setting, against the bare model, on diffusers DiT-S/2 and DiT-B/2 sizes."""
-    from adacache.cli import load_named_model
+    from adacache.named_models import load_named_model
 
     rows: list[Row] = []
     for config in configs:
