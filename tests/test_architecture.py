@@ -165,3 +165,13 @@ def test_the_compile_pipeline_is_one_function():
     graph = compiler.compile_graph(model, adacache.FORA(interval=2), (), inputs(torch.tensor(500.0)))
     assert [s.name for s in graph.layout.sites] == [s.name for s in compiled.adacache.programs[0].layout.sites]
     assert [s.name for s in graph.layout.states] == [s.name for s in compiled.adacache.programs[0].layout.states]
+
+
+def test_no_pass_function_is_long():
+    """Each pass composes small functions (issue 29: none over about 60 lines)."""
+    long = []
+    for path in (PACKAGE / "passes").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

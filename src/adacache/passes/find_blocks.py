@@ -108,7 +108,21 @@ def find_blocks(
     names = candidate_block_names(model, pattern)
     order = compute_order(gm)
     compute = [n for n in gm.graph.nodes if is_compute_node(n)]
-    groups = _group(compute, set(names))
+    blocks, rejected = _eligible_blocks(_group(compute, set(names)), order)
+    _drop_blocks_without_tokens(blocks, rejected)
+    blocks.sort(key=lambda r: order[r.nodes[0]])
+    if not blocks:
+        raise _no_blocks_error(model, pattern, names, rejected)
+    for block in blocks:
+        for node in block.nodes:
+            node.meta[REGION_META] = block.name
+        if with_submodules:
+            block.submodules = _find_submodules(block, order)
+    return blocks
+
+
+def _eligible_blocks(groups: dict[str, tuple[str, str, list[fx.Node]]], order: dict[fx.Node, int]) -> tuple[list[Region], list[str]]:
+    """The candidate calls that are eligible blocks, and a reason for each one that is not."""
     blocks: list[Region] = []
     rejected: list[str] = []
     calls_per_module: dict[str, int] = {}
@@ -125,33 +139,33 @@ def find_blocks(
             rejected.append(f"{path}: {region.reason}")
             continue
         blocks.append(region)
-    if any(_carries_tokens(b) for b in blocks):
-        # A guidance or timestep MLP kept in a container named `layers`, beside the real
-        # stack, is not a transformer block: spanning it would fold the conditioning into
-        # the cache and make it FirstBlockCache's probe.
-        for block in [b for b in blocks if not _carries_tokens(b)]:
-            shapes = [list(tensor_meta(o).shape) for o in block.outputs]
-            rejected.append(f"{block.name}: its outputs {shapes} are not token sequences (batch, tokens, ...) as the other blocks' are")
-            blocks.remove(block)
-    blocks.sort(key=lambda r: order[r.nodes[0]])
-    if not blocks:
-        searched = (
-            f"modules matching {pattern!r}"
-            if pattern is not None
-            else "modules listed in `_repeated_blocks` and children of containers named " + ", ".join(BLOCK_CONTAINERS)
-        )
-        found = f" Candidates found: {len(names)}" + (": " + "; ".join(rejected[:5]) if rejected else "") + "."
-        raise NotEligibleError(
-            f"{type(model).__name__} has no eligible transformer blocks. Searched {searched}.{found} "
-            "Pass `blocks=` with a glob over qualified module names, for example "
-            "adacache.compile(model, policy, blocks=\"my_blocks.*\")."
-        )
-    for block in blocks:
-        for node in block.nodes:
-            node.meta[REGION_META] = block.name
-        if with_submodules:
-            block.submodules = _find_submodules(block, order)
-    return blocks
+    return blocks, rejected
+
+
+def _drop_blocks_without_tokens(blocks: list[Region], rejected: list[str]) -> None:
+    """A guidance or timestep MLP kept in a container named ``layers``, beside the real stack,
+    is not a transformer block: spanning it would fold the conditioning into the cache and
+    make it FirstBlockCache's probe. Dropped (with its reason) when other blocks carry tokens."""
+    if not any(_carries_tokens(b) for b in blocks):
+        return
+    for block in [b for b in blocks if not _carries_tokens(b)]:
+        shapes = [list(tensor_meta(o).shape) for o in block.outputs]
+        rejected.append(f"{block.name}: its outputs {shapes} are not token sequences (batch, tokens, ...) as the other blocks' are")
+        blocks.remove(block)
+
+
+def _no_blocks_error(model: nn.Module, pattern: str | Sequence[str] | None, names: list[str], rejected: list[str]) -> NotEligibleError:
+    searched = (
+        f"modules matching {pattern!r}"
+        if pattern is not None
+        else "modules listed in `_repeated_blocks` and children of containers named " + ", ".join(BLOCK_CONTAINERS)
+    )
+    found = f" Candidates found: {len(names)}" + (": " + "; ".join(rejected[:5]) if rejected else "") + "."
+    return NotEligibleError(
+        f"{type(model).__name__} has no eligible transformer blocks. Searched {searched}.{found} "
+        "Pass `blocks=` with a glob over qualified module names, for example "
+        "adacache.compile(model, policy, blocks=\"my_blocks.*\")."
+    )
 
 
 def _carries_tokens(region: Region) -> bool:
