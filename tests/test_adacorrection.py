@@ -318,3 +318,25 @@ def test_span_unit_exports_to_onnx(tmp_path):
     model, inputs, _ = FAMILIES["tiny_dit"]()
     cached = adacache.compile(model, adacache.AdaCorrection(base=adacache.TaylorSeer(order=1, interval=3), veto=0.6, unit="span"))
     assert_onnx_matches_eager(cached, inputs, TIMESTEPS, tmp_path / "span")
+
+
+def test_the_base_decides_its_own_schedule():
+    """AdaCorrection asks its base whether a step may reuse (``allow_reuse``), not only for the
+    base's schedule spec: a base whose decision reads more than the step (the request's length,
+    as MagCache's does) keeps its decisions under AdaCorrection."""
+    from adacache.policies.base import policy_dataclass
+
+    @policy_dataclass
+    class OnlyInSecondHalf(adacache.FORA):
+        def allow_reuse(self, ctx, site):
+            return ctx.total_steps is not None and ctx.step >= ctx.total_steps // 2 and super().allow_reuse(ctx, site)
+
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    base = OnlyInSecondHalf(interval=2)
+    cached = adacache.compile(model, adacache.AdaCorrection(base=base, accept=0.0, veto=1.0))
+    with torch.no_grad(), adacache.session(cached, total_steps=len(TIMESTEPS)):
+        for t in TIMESTEPS:
+            cached(**inputs(t))
+    reused = [any(row["reused"].values()) for row in adacache.summary(cached).per_step]
+    half = len(TIMESTEPS) // 2
+    assert not any(reused[:half]) and any(reused[half:]), reused

@@ -22,6 +22,7 @@ from .base import (
     OffsetRule,
     OffsetScore,
     Policy,
+    StepContext,
     SitePlan,
     check,
     policy_dataclass,
@@ -201,6 +202,10 @@ class AdaCorrection(Policy):
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return self.base.schedule(site)
+
+    def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
+        # The base's own decision, whatever it reads (a schedule spec, or the request's length).
+        return self.base.allow_reuse(ctx, site)
 
     def calibrate(self, model: Any, run: Any, degree: int = 4) -> "AdaCorrection":
         """One scale per cached unit, so that ``scale * S`` estimates the relative error of

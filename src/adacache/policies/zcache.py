@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from ..errors import PolicyError
 from ..passes.regions import Region
-from .base import Policy, SitePlan, check, policy_dataclass
+from .base import Policy, SitePlan, StepContext, check, policy_dataclass
 from .taylorseer import TaylorSeer  # the default base
 
 
@@ -105,3 +105,6 @@ class ZCache(Policy):
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return self.base.schedule(site)
+
+    def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
+        return self.base.allow_reuse(ctx, site)
