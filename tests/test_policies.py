@@ -109,7 +109,7 @@ def test_calibration_the_bench_and_zcache_list_no_policy_classes():
     root = Path(adacache.__file__).parent
     names = set(adacache.policies.__all__) - {"Policy", "SitePlan", "StepContext", "policy_dataclass"}
     files = [root / "calibration.py", root / "policies" / "zcache.py", root / "runtime" / "sampling.py",
-             *sorted((root / "bench").glob("*.py"))]
+             *sorted((root / "bench").rglob("*.py"))]
     found = []
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):

@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .policies import POLICIES
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -41,19 +43,13 @@ _EXPORTS = {
     "Summary": "adacache.report",
     "graph_diff": "adacache.report",
     "graph_structure": "adacache.report",
-    "AdaCorrection": "adacache.policies",
-    "FORA": "adacache.policies",
-    "FirstBlockCache": "adacache.policies",
-    "NoCache": "adacache.policies",
-    "TaylorSeer": "adacache.policies",
-    "TeaCache": "adacache.policies",
-    "ZCache": "adacache.policies",
     "sample": "adacache.runtime.sampling",
     "calibrate": "adacache.calibration",
     "Policy": "adacache.policies",
     "StepContext": "adacache.policies",
     "CachedModule": "adacache.runtime",
 }
+_EXPORTS.update(dict.fromkeys(POLICIES, "adacache.policies"))  # the policy registry: one line per method
 
 __all__ = sorted(_EXPORTS)
 

@@ -40,13 +40,10 @@ def calibrate(model: nn.Module, policy: Policy, run: Callable[[nn.Module], Any],
 
     ``run(denoiser)`` must perform one generation (for example
     ``lambda d: sample(d, labels, num_steps=50)``); the denoiser it receives computes every
-    block while recording. Each policy says what it fits (:meth:`Policy.calibrate`); today:
-
-    * :class:`TeaCache`: the rescaling polynomial (``degree``) that maps the change of the
-      first block's modulated input to the change of the model output;
-    * :class:`AdaCorrection`: one scale per cached unit, so that ``scale * S`` estimates the
-      relative error of reusing that unit's cache (see :func:`fit_offset_scales`); a base
-      that can be calibrated is fitted first, with the same run.
+    block while recording. Each policy says what it fits, in its own file
+    (:meth:`Policy.calibrate`; ``policy.calibratable`` tells whether it fits anything): for
+    example TeaCache's rescaling polynomial (``degree``), MagCache's magnitude-ratio curve,
+    AdaCorrection's per-unit scales (after its base's, with the same run).
 
     Returns a copy of ``policy`` with the fitted parameters.
     """

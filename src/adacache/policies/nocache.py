@@ -31,3 +31,7 @@ class NoCache(Policy):
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return {"kind": "never"}
+
+    @property
+    def proposes_reuse(self) -> bool:  # type: ignore[override]
+        return False

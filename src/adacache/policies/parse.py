@@ -14,10 +14,9 @@ from .base import Policy
 
 
 def _registry() -> dict[str, type[Policy]]:
-    from . import __all__ as names
-    from . import __dict__ as namespace  # type: ignore[attr-defined]
+    import adacache.policies as policies
 
-    return {n: namespace[n] for n in names if isinstance(namespace[n], type) and issubclass(namespace[n], Policy) and n != "Policy"}
+    return {name: getattr(policies, name) for name in policies.POLICIES}
 
 
 def parse_policy(text: str) -> Policy:
