@@ -237,3 +237,59 @@ def test_onnx_runtime_matches_eager_on_the_reference_model(tmp_path):
         sample(both, labels, seeds=[0, 1], num_steps=50, guidance_scale=4.0)
     assert len(worst) == 50 and max(worst) < 1e-4
     assert engine.reused == {"site_0": 33}, "the same skip decisions: 33 of 50 steps reuse the span of all 8 blocks"
+
+
+class _TextThenImage(torch.nn.Module):
+    """A block that runs on [text; image] tokens and returns the image part, a slice that is
+    contiguous but starts past the text (Flux's single-stream blocks at batch 1)."""
+
+    def __init__(self, dim: int, text: torch.Tensor) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.GELU(), torch.nn.Linear(dim, dim))
+        self.register_buffer("text", text)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.text.expand(x.shape[0], -1, -1), x], dim=1)
+        h = h + self.mlp(h)
+        return h[:, self.text.shape[1]:]
+
+
+class _SlicedOutputs(torch.nn.Module):
+    def __init__(self, dim: int = 16, blocks: int = 3) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Linear(1, dim)
+        self.transformer_blocks = torch.nn.ModuleList(_TextThenImage(dim, torch.randn(1, 5, dim, generator=gen)) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        x = x + self.embed(timestep.reshape(-1, 1, 1) / 1000)
+        for block in self.transformer_blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("policy", [FORA(interval=2), adacache.TaylorSeer(order=1, interval=3)], ids=["FORA", "TaylorSeer"])
+def test_blocks_returning_a_sliced_view_compile_and_export(policy, tmp_path):
+    """A cond's branches must return tensors of one layout, storage offset included; the
+    computed branch's output here is a view at offset 5 * 16, the reused one a new tensor."""
+    model = _SlicedOutputs().eval()
+    x = torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(1))
+    inputs = lambda t: {"x": x * (1 + t / 1000), "timestep": t.reshape(1)}  # noqa: E731
+    timesteps = torch.linspace(900, 100, 6)
+    with torch.no_grad():
+        reference = [model(**inputs(t)) for t in timesteps]
+        eager = adacache.compile(model, policy)
+        eager.adacache.new_request(len(timesteps))
+        expected = [eager(**inputs(t)) for t in timesteps]
+        inductor = adacache.compile(model, policy, backend="inductor")
+        inductor.adacache.new_request(len(timesteps))
+        got = [inductor(**inputs(t)) for t in timesteps]
+    assert torch.allclose(expected[0], reference[0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, expected))
+    assert adacache.summary(inductor).hit_rate > 0
+    adacache.export(eager, tmp_path / "sliced", example_inputs=((), inputs(timesteps[0])))
+    engine = adacache.load(tmp_path / "sliced", provider="cpu")
+    engine.new_request()
+    for t, want in zip(timesteps, expected):
+        out = engine(**{k: v.numpy() for k, v in inputs(t).items()})["output_0"]
+        assert abs(out - want.numpy()).max() < 1e-4

@@ -31,7 +31,7 @@ TIMESTEPS = torch.linspace(600, 599, 6)  # close steps, so that change-gated pol
 #: Families every policy must run on (the others may refuse, clearly).
 MUST_RUN = ("tiny_dit", "diffusers_dit")
 #: Families the export part runs on (an ONNX export costs seconds).
-EXPORTED = ("tiny_dit", "diffusers_dit")
+EXPORTED = ("tiny_dit", "diffusers_dit", "flux")
 
 
 def _drifting(inputs):

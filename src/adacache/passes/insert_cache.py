@@ -50,7 +50,9 @@ from .span import span_hull, take_trailing_slices
 
 
 META_KEY = "adacache"
-# Marks a copy of cache state made only because a cond branch may not return its inputs.
+# Marks a copy made only for torch.cond's rules (eager lowering drops it): cache state a branch
+# passes through (a branch may not return its inputs), or an output that is a view at a storage
+# offset (both branches must return the same layout, offset included).
 STATE_COPY = "adacache_state_copy"
 
 
@@ -119,9 +121,33 @@ def _score_input(region: Region, inputs: list[fx.Node]) -> fx.Node:
     return inputs[_score_index(region)]
 
 
-def _dense(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
-    """Both branches of a cond must return the same memory layout: make it contiguous."""
-    return [graph.call_method("contiguous", (n,)) for n in nodes]
+def _dense(graph: fx.Graph, nodes: list[fx.Node], like: list[fx.Node] | None = None) -> list[fx.Node]:
+    """Both branches of a cond must return the same memory layout: contiguous, at storage
+    offset 0. ``like`` are the values ``nodes`` compute in the captured graph; a view that
+    ``contiguous()`` leaves as it is but whose layout is not the canonical one (the image
+    tokens sliced off a joint sequence start past the text; the text tokens of one sample
+    keep the joint sequence's batch stride) is copied."""
+    dense = []
+    for i, node in enumerate(nodes):
+        meta = tensor_meta(like[i]) if like is not None else None
+        # A non-contiguous value is copied by contiguous() into the canonical layout already.
+        if meta is not None and meta.is_contiguous() and not _canonical_layout(meta):
+            copy = graph.call_method("clone", (node,), {"memory_format": torch.contiguous_format})
+            copy.meta[STATE_COPY] = True
+            dense.append(copy)
+        else:
+            dense.append(graph.call_method("contiguous", (node,)))
+    return dense
+
+
+def _canonical_layout(value: torch.Tensor) -> bool:
+    """Storage offset 0 and the strides ``torch.empty`` gives the shape, size-1 dims included
+    (``is_contiguous`` ignores those, torch.cond's layout check does not)."""
+    stride, expected = 1, []
+    for size in reversed(value.shape):
+        expected.append(stride)
+        stride *= size
+    return value.storage_offset() == 0 and tuple(value.stride()) == tuple(reversed(expected))
 
 
 def _fresh_state(graph: fx.Graph, site: SitePlan, region: Region, inputs: list[fx.Node], outs: list[fx.Node]) -> list[fx.Node]:
@@ -160,8 +186,7 @@ class _Rewrite:
         self.gm, self.graph = gm, gm.graph
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         self.output_node = self.graph.output_node()
-        self.user_outputs = list(self.output_node.args[0])
-        self.layout = CacheLayout(num_user_inputs=len(placeholders), num_user_outputs=len(self.user_outputs), sites=list(sites))
+        self.layout = CacheLayout(num_user_inputs=len(placeholders), num_user_outputs=len(self.output_node.args[0]), sites=list(sites))
         self.last_placeholder = placeholders[-1] if placeholders else None
         self.controls: list[fx.Node] = []
         self.states_in: list[tuple[StateSpec, fx.Node]] = []
@@ -213,9 +238,9 @@ class _Rewrite:
         for ctrl in self.controls:
             self.states_in[0][1].prepend(ctrl)
         if self.states_in:  # with nothing cached the graph's signature is the model's own
-            self.output_node.args = (
-                tuple(self.user_outputs) + tuple(self.new_state[s.name] for s in layout.states) + tuple(self.signals),
-            )
+            # Read the user outputs now: a site whose result is the model's output replaced it.
+            user_outputs = tuple(self.output_node.args[0])
+            self.output_node.args = (user_outputs + tuple(self.new_state[s.name] for s in layout.states) + tuple(self.signals),)
         self.gm.meta[META_KEY] = layout
         graph.lint()
         self.gm.recompile()
@@ -482,7 +507,8 @@ def _compute_builder(site: _Site, band: bool) -> Any:
                 terms += [g.call_function(operator.getitem, (new, j)) for j in range(n_terms)]
             fresh = terms
         # Every stored term is checked: a NaN in a higher difference would poison every forecast.
-        return [*_dense(g, outs), *_dense(g, fresh), *kept_in, g.call_function(ops.all_finite, tuple(fresh))]
+        return [*_dense(g, outs, like=None if band else site.outputs), *_dense(g, fresh), *kept_in,
+                g.call_function(ops.all_finite, tuple(fresh))]
 
     return build
 
