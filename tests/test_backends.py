@@ -293,3 +293,117 @@ def test_blocks_returning_a_sliced_view_compile_and_export(policy, tmp_path):
     for t, want in zip(timesteps, expected):
         out = engine(**{k: v.numpy() for k, v in inputs(t).items()})["output_0"]
         assert abs(out - want.numpy()).max() < 1e-4
+
+
+# -- export-time verification (issue 20) ------------------------------------------------------
+
+class _GuardedDivision(torch.nn.Module):
+    """Sana's linear attention divides by a sum that can be exactly 0, guarded by + 1e-15;
+    onnxscript's optimizer folds the guard away (its constant match tolerates 1e-8)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.GELU(), torch.nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zero = torch.relu(-x.abs())  # exactly 0 everywhere, which the exporter cannot know
+        ratio = zero[..., :-1] / (zero[..., -1:] + 1e-15)
+        return x + self.mlp(x) + torch.nn.functional.pad(ratio, (0, 1))
+
+
+class _GuardedModel(torch.nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(1, dim)
+        self.transformer_blocks = torch.nn.ModuleList(_GuardedDivision(dim) for _ in range(3))
+        self.head = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        x = x + self.embed(timestep.reshape(-1, 1, 1) / 1000)
+        for block in self.transformer_blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _guarded():
+    model = _GuardedModel().eval()
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(0))
+    return model, (lambda t: {"x": x * (1 + t / 1000), "timestep": t.expand(2)})
+
+
+def test_export_drops_the_optimizer_where_it_changes_numbers(tmp_path):
+    model, inputs = _guarded()
+    compiled = adacache.compile(model, FORA(interval=2))
+    example = ((), inputs(STEPS[0]))
+    unchecked = adacache.load(adacache.export(compiled, tmp_path / "unchecked", example_inputs=example, verify=False), provider="cpu")
+    feeds = {k: v.numpy() for k, v in inputs(STEPS[0]).items()}
+    assert np.isnan(unchecked(**feeds)["output_0"]).any(), "the premise: the optimized file answers NaN"
+
+    artifact = adacache.export(compiled, tmp_path / "checked", example_inputs=example)
+    verification = json.loads((artifact / "manifest.json").read_text())["verification"]
+    assert verification["verified"] and not verification["optimized"]
+    assert "output_0" in verification["optimizer_changed"] and "NaN" in verification["optimizer_changed"]
+    engine = adacache.load(artifact, provider="cpu")
+    compiled.adacache.new_request(6)
+    engine.new_request()
+    with torch.no_grad():
+        for t in STEPS[:6]:
+            want = compiled(**inputs(t)).numpy()
+            got = engine(**{k: v.numpy() for k, v in inputs(t).items()})["output_0"]
+            assert np.isfinite(got).all() and abs(got - want).max() < 1e-4
+    assert engine.reused == {"site_0": 3}
+
+
+def _corrupting(monkeypatch):
+    """Make every written ONNX file compute something else: its first weight doubled."""
+    import onnx
+
+    from adacache.backends import onnx as onnx_backend
+
+    write = onnx_backend._write_onnx
+
+    def write_then_corrupt(*args, **kwargs):
+        write(*args, **kwargs)
+        path = args[3]
+        proto = onnx.load(str(path))
+        weight = next(i for i in proto.graph.initializer if len(i.dims) == 2)
+        array = onnx.numpy_helper.to_array(weight) * 2
+        weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+        onnx.save(proto, str(path))
+
+    monkeypatch.setattr(onnx_backend, "_write_onnx", write_then_corrupt)
+
+
+def test_an_artifact_that_computes_something_else_is_refused(fora_artifact, tmp_path, monkeypatch):
+    _, model, inputs = fora_artifact
+    compiled = adacache.compile(model, FORA(interval=3))
+    _corrupting(monkeypatch)
+    example = ((), inputs(STEPS[0]))
+    with pytest.raises(adacache.ExportError, match="does not compute what the compiled model computes: output 'output_0' of the "
+                                                   "computing, empty caches call .*max \\|difference\\|.*keep_failed=True"):
+        adacache.export(compiled, tmp_path / "refused", example_inputs=example)
+    assert not (tmp_path / "refused" / "model.onnx").exists() and not (tmp_path / "refused" / "manifest.json").exists()
+    with pytest.raises(adacache.ExportError, match="kept for inspection"):
+        adacache.export(compiled, tmp_path / "kept", example_inputs=example, keep_failed=True)
+    assert (tmp_path / "kept" / "model.onnx").exists()
+
+
+def test_a_file_onnx_runtime_cannot_load_is_an_artifact_error(fora_artifact, tmp_path):
+    """A valid ONNX file that ONNX Runtime refuses (a Squeeze of a dimension of 64, what
+    PixArt's export writes) is an ArtifactError, not ONNX Runtime's own exception."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    path, _, _ = fora_artifact
+    copy = tmp_path / "squeeze"
+    shutil.copytree(path, copy)
+    graph = helper.make_graph(
+        [helper.make_node("Squeeze", ["x", "axes"], ["y"])], "squeeze",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(copy / "model.onnx"))
+    with pytest.raises(adacache.ArtifactError, match="ONNX Runtime cannot load .*re-export it"):
+        adacache.load(copy, provider="cpu")

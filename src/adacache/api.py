@@ -90,6 +90,8 @@ def export(
     example_inputs: tuple[tuple[Any, ...], dict[str, Any]],
     precision: str = "fp16",
     opset: int | None = None,
+    verify: bool = True,
+    keep_failed: bool = False,
 ) -> Path:
     """Export a compiled model as a deployable artifact (model file + ``manifest.json``).
 
@@ -101,13 +103,19 @@ def export(
         example_inputs: ``(args, kwargs)`` with the shapes the artifact will serve.
         precision: TensorRT precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``.
         opset: ONNX opset (default: the exporter's).
+        verify: run the written ONNX file in ONNX Runtime next to the compiled model on the
+            example inputs, through both branches of every site, and refuse (``ExportError``
+            naming the first output that differs) an artifact that computes something else;
+            where onnxscript's optimizer is what changed the numbers, the file is written
+            again without it (``manifest["verification"]`` says so).
+        keep_failed: keep a file that failed the check, for inspection.
     """
     cached = _cached(model)
     example_inputs = check_example_inputs(example_inputs)
     if format == "onnx":
         from .backends.onnx import export_onnx
 
-        return export_onnx(cached, directory, example_inputs, opset=opset)
+        return export_onnx(cached, directory, example_inputs, opset=opset, verify=verify, keep_failed=keep_failed)
     if format == "tensorrt":
         from .backends.tensorrt import export_tensorrt
 

@@ -22,6 +22,7 @@ from ..deploy.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from ..errors import ExportError
 from ..runtime.module import Runtime
 from ..runtime.program import Program
+from .verify import Feeds, verify_onnx
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -80,56 +81,107 @@ def export_onnx(
     *,
     opset: int | None = None,
     optimize: bool = True,
+    verify: bool = True,
+    keep_failed: bool = False,
 ) -> Path:
     """Write ``model.onnx`` and ``manifest.json`` for the program of ``example_inputs``.
 
     The artifact is specialised to the example's shapes (as every adacache program is);
-    export one artifact per resolution / batch size you serve.
+    export one artifact per resolution / batch size you serve. With ``verify`` (the default)
+    the written file is run in ONNX Runtime next to the compiled model on the example inputs
+    (:mod:`adacache.backends.verify`); where onnxscript's optimizer changed what it computes,
+    the model is exported again without it (the manifest says so), and an artifact that still
+    differs is refused with an ``ExportError`` naming the first output that differs (and
+    removed, unless ``keep_failed``).
     """
     args, kwargs = example_inputs
     program = cached.prepare(*args, **kwargs)
     schedules = check_exportable(cached, program, "onnx")
+    feeds = _feeds(program, args, kwargs)
+    out_dir = Path(directory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_file = "model.onnx"
+    _write_onnx(cached, program, feeds, out_dir / model_file, opset, optimize)
+    verification: dict[str, Any] = {"verified": False, "optimized": optimize}
+    if verify:
+        verification = _verified(cached, program, feeds, out_dir / model_file, opset, optimize, keep_failed)
+    manifest = _manifest(cached, program, feeds, schedules, model_file, verification)
+    write_manifest(out_dir, manifest)
+    return out_dir
+
+
+def _feeds(program: Program, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Feeds:
     layout = program.layout
     leaves = program.captured.flatten_inputs(args, kwargs)
     placeholders = [n for n in program.portable.graph.nodes if n.op == "placeholder"]
     user_placeholders = placeholders[: layout.num_user_inputs]
-    wrapper = _FlatTensorsOnly(program.portable, leaves).eval()
-    user_tensors = [leaves[i] for i in wrapper.tensor_positions]
-    user_names = [user_placeholders[i].name for i in wrapper.tensor_positions]
-    device = user_tensors[0].device if user_tensors else torch.device("cpu")
-    order = layout.forecast_order
-    controls = [
-        torch.ones(order + 1, device=device) if spec.kind != "allow" else torch.tensor(False, device=device)
-        for spec in layout.controls
-    ]
-    states = program.initial_state(device)
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    user_names = [user_placeholders[i].name for i in positions]
+    return Feeds(
+        user=[leaves[i] for i in positions],
+        all_leaves=leaves,
+        input_names=[*user_names, *(c.name for c in layout.controls), *(s.name for s in layout.states)],
+        output_names=[*(f"output_{i}" for i in range(layout.num_user_outputs)), *(f"{s.name}__out" for s in layout.states),
+                      *(s.name for s in layout.signals)],
+    )
 
-    user_out_names = [f"output_{i}" for i in range(layout.num_user_outputs)]
-    state_out_names = [f"{s.name}__out" for s in layout.states]
-    input_names = [*user_names, *(c.name for c in layout.controls), *(s.name for s in layout.states)]
-    output_names = [*user_out_names, *state_out_names, *(s.name for s in layout.signals)]
 
-    out_dir = Path(directory)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _write_onnx(cached: Runtime, program: Program, feeds: Feeds, path: Path, opset: int | None, optimize: bool) -> None:
+    layout = program.layout
+    wrapper = _FlatTensorsOnly(program.portable, feeds.all_leaves).eval()
+    device = feeds.user[0].device if feeds.user else torch.device("cpu")
+    controls = [torch.ones(layout.forecast_order + 1, device=device) if spec.kind != "allow" else torch.tensor(False, device=device)
+                for spec in layout.controls]
     try:
         with torch.no_grad():
             # On a structural copy, one export at a time: the program's weights are the
             # model's, which other threads may be running (capture/isolation.py).
             onnx_program = isolated_export(lambda tree: torch.onnx.export(
                 tree,
-                tuple([*user_tensors, *controls, *states]),
+                tuple([*feeds.user, *controls, *program.initial_state(device)]),
                 dynamo=True,
-                input_names=input_names,
-                output_names=output_names,
+                input_names=feeds.input_names,
+                output_names=feeds.output_names,
                 opset_version=opset,
                 optimize=optimize,
                 verbose=False,
             ), wrapper)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise ExportError(f"torch.onnx.export failed for {cached.policy.describe()}: {exc}") from exc
-    model_file = "model.onnx"
-    onnx_program.save(str(out_dir / model_file))
+    onnx_program.save(str(path))
 
+
+def _verified(cached: Runtime, program: Program, feeds: Feeds, path: Path, opset: int | None, optimize: bool,
+              keep_failed: bool) -> dict[str, Any]:
+    """What the manifest records of the check; an ExportError where the artifact is wrong."""
+    problem = verify_onnx(path, program, feeds)
+    if problem is None:
+        return {"verified": True, "optimized": optimize}
+    if optimize:
+        # onnxscript's optimizer can change numbers (it folds `x + 1e-15` into `x`): without it.
+        _write_onnx(cached, program, feeds, path, opset, optimize=False)
+        if verify_onnx(path, program, feeds) is None:
+            return {"verified": True, "optimized": False, "optimizer_changed": problem}
+    if not keep_failed:
+        path.unlink(missing_ok=True)
+    raise ExportError(
+        f"the ONNX export of {cached.policy.describe()} does not compute what the compiled model computes: {problem}. "
+        + ("The file was kept for inspection at " + str(path) if keep_failed else
+           "Nothing was left behind; pass keep_failed=True to keep the file for inspection")
+    )
+
+
+def _manifest(cached: Runtime, program: Program, feeds: Feeds, schedules: dict[str, Any], model_file: str,
+              verification: dict[str, Any]) -> dict[str, Any]:
+    layout = program.layout
+    order = layout.forecast_order
+    leaves = feeds.all_leaves
+    placeholders = [n for n in program.portable.graph.nodes if n.op == "placeholder"][: layout.num_user_inputs]
+    user_names = feeds.input_names[: len(feeds.user)]
+    user_tensors = feeds.user
+    controls = [torch.ones(order + 1) if spec.kind != "allow" else torch.tensor(False) for spec in layout.controls]
+    user_out_names = feeds.output_names[: layout.num_user_outputs]
+    state_out_names = [f"{s.name}__out" for s in layout.states]
     timestep_input = next((n for n in user_names if n in cached.timestep_names), None)
     sites = {s.name: s for s in layout.sites}
     manifest = {
@@ -168,11 +220,11 @@ def export_onnx(
             {"name": s.name, "label": s.label, "role": s.role, "reuse": s.reuse, "gated_by": s.gated_by, "threshold": s.threshold}
             for s in sites.values()
         ],
-        "constants": {p.name: repr(leaves[i]) for i, p in enumerate(user_placeholders) if i not in wrapper.tensor_positions},
+        "constants": {p.name: repr(leaves[i]) for i, p in enumerate(placeholders) if not isinstance(leaves[i], torch.Tensor)},
+        "verification": verification,
         "versions": {k: _version(k) for k in ("adacache", "torch", "onnx", "onnxscript", "onnxruntime")},
     }
-    write_manifest(out_dir, manifest)
-    return out_dir
+    return manifest
 
 
 def export_plain_onnx(model: nn.Module, path: str | Path, example_inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Path:

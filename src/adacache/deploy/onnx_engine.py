@@ -78,9 +78,12 @@ class OnnxEngine:
         model_file = self.directory / self.manifest["model_file"]
         try:
             self.session = ort.InferenceSession(str(model_file), session_options, providers=providers)
-        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
-            raise ArtifactError(f"ONNX Runtime cannot load {model_file} ({exc}); the artifact is corrupt, re-export it") from exc
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises a different class per cause; all mean the same here
+            raise ArtifactError(
+                f"ONNX Runtime cannot load {model_file} ({type(exc).__name__}: {exc}); the file is corrupt or uses an operator "
+                "this ONNX Runtime cannot run: re-export it (adacache.export checks that what it writes loads and computes "
+                "what the compiled model computes)"
+            ) from exc
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self._ort = ort
