@@ -316,3 +316,23 @@ def test_a_site_is_described_by_its_rebuild_and_terms():
     assert (tea.reuse, tea.order, tea.probe, tea.coefficients, tea.threshold) == ("residual", 0, "n", (2.0, 0.0), 0.1)
     tea.with_term(gate, FollowsGate("site_9", 0.1))
     assert tea.follows == "site_9" and tea.probe is None and tea.threshold == 0.1
+
+
+def test_squeezes_that_remove_nothing_are_dropped():
+    """ONNX's Squeeze refuses an axis that is not 1 (PixArt squeezes a 64-wide dimension);
+    the pass keeps only real squeezes, and the graph computes the same."""
+    from adacache.capture import capture
+    from adacache.passes import drop_noop_squeezes
+
+    class Squeezes(torch.nn.Module):
+        def forward(self, x):
+            return x.squeeze(1) + x.squeeze(2).unsqueeze(2) * 0 + torch.squeeze(x, (0, 1, 2)).unsqueeze(0).unsqueeze(2)
+
+    x = torch.randn(1, 64, 1, 8)
+    gm = capture(Squeezes(), (x,), {}).graph_module
+    before = [(n.target, n.args[1]) for n in gm.graph.nodes if "squeeze" in str(n.target) and "unsqueeze" not in str(n.target)]
+    drop_noop_squeezes(gm)
+    after = [(n.target, n.args[1]) for n in gm.graph.nodes if "squeeze" in str(n.target) and "unsqueeze" not in str(n.target)]
+    assert len(before) == 3
+    assert after == [(torch.ops.aten.squeeze.dim, 2), (torch.ops.aten.squeeze.dims, [0, 2])]
+    assert torch.equal(gm(x)[0] if isinstance(gm(x), (tuple, list)) else gm(x), Squeezes()(x))

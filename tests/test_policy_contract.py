@@ -30,8 +30,6 @@ POLICIES = sorted(adacache.policies.POLICIES)
 TIMESTEPS = torch.linspace(600, 599, 6)  # close steps, so that change-gated policies find reuse on random weights
 #: Families every policy must run on (the others may refuse, clearly).
 MUST_RUN = ("tiny_dit", "diffusers_dit")
-#: Families the export part runs on (an ONNX export costs seconds).
-EXPORTED = ("tiny_dit", "diffusers_dit", "flux")
 
 
 def _drifting(inputs):
@@ -99,7 +97,7 @@ def test_runs_and_skips_what_it_says(name, family):
     assert parse_policy(policy.describe()) == policy
 
 
-@pytest.mark.parametrize("family", EXPORTED)
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("name", POLICIES)
 def test_exports_where_it_says_it_can(name, family, tmp_path):
     compiled, _, inputs, policy = _compiled(name, family)

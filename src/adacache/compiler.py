@@ -4,7 +4,8 @@
 input signature; the runtime (:mod:`adacache.runtime.program`) calls it on a model's first
 call with new shapes and keeps the result. Each step is one function with one job:
 
-1. :func:`~adacache.capture.capture` - ``torch.export`` of the model on these inputs;
+1. :func:`~adacache.capture.capture` - ``torch.export`` of the model on these inputs, and
+   :func:`~adacache.passes.drop_noop_squeezes` - squeezes that remove nothing (which ONNX refuses);
 2. :func:`~adacache.passes.find_blocks` - annotate the transformer blocks;
 3. ``policy.plan`` - the policy describes its cache sites (:mod:`adacache.passes.contract`);
 4. :func:`~adacache.passes.outline_sites` - cut each site out into a child module;
@@ -24,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from .capture import CapturedGraph, capture
-from .passes import CacheLayout, Region, find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites, require_finite_inputs
+from .passes import CacheLayout, Region, drop_noop_squeezes, find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites, require_finite_inputs
 from .passes.lower import bind_operators, drop_state_copies, hoist_attributes
 from .policies.base import Policy
 
@@ -63,7 +64,7 @@ def compile_graph(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use 'eager' or 'inductor' (ONNX / TensorRT go through adacache.export)")
     captured = capture(model, args, kwargs)
-    gm = captured.graph_module
+    gm = drop_noop_squeezes(captured.graph_module)
     found = find_blocks(gm, model, blocks)
     original = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # after annotation: "before" shows the blocks found
     sites = policy.plan(found)

@@ -3,6 +3,7 @@
 Policies describe their cache sites in the words of :mod:`adacache.passes.contract`; the
 passes import no policy. Order, in the spirit of PT2E quantization (annotate -> insert -> lower):
 
+0. :func:`drop_noop_squeezes` replaces squeezes that remove nothing by their input.
 1. :func:`find_blocks` annotates the transformer blocks (``node.meta["adacache_region"]``).
 2. :func:`outline_sites` cuts each cache site (a block, a span of blocks, or an
    attention / feed-forward call) out into a child module.
@@ -20,6 +21,7 @@ from .insert_cache import insert_cache_nodes, outline_sites
 from .lower import branch, lower_cond_to_python
 from .outline import outline_region
 from .regions import Region
+from .shape_noops import drop_noop_squeezes
 
 __all__ = [
     "CacheLayout",
@@ -27,6 +29,7 @@ __all__ = [
     "SitePlan",
     "StateSpec",
     "branch",
+    "drop_noop_squeezes",
     "find_blocks",
     "insert_cache_nodes",
     "lower_cond_to_python",
