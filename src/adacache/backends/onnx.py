@@ -130,8 +130,7 @@ def _write_onnx(cached: Runtime, program: Program, feeds: Feeds, path: Path, ops
     layout = program.layout
     wrapper = _FlatTensorsOnly(program.portable, feeds.all_leaves).eval()
     device = feeds.user[0].device if feeds.user else torch.device("cpu")
-    controls = [torch.ones(layout.forecast_order + 1, device=device) if spec.kind != "allow" else torch.tensor(False, device=device)
-                for spec in layout.controls]
+    controls = _example_controls(layout, device)
     try:
         with torch.no_grad():
             # On a structural copy, one export at a time: the program's weights are the
@@ -149,6 +148,12 @@ def _write_onnx(cached: Runtime, program: Program, feeds: Feeds, path: Path, ops
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise ExportError(f"torch.onnx.export failed for {cached.policy.describe()}: {exc}") from exc
     onnx_program.save(str(path))
+
+
+def _example_controls(layout: Any, device: torch.device) -> list[torch.Tensor]:
+    """Controls of the traced example (their values do not matter, their shapes and dtypes do)."""
+    return [torch.ones(layout.forecast_order + 1, device=device) if spec.kind != "allow" else torch.tensor(False, device=device)
+            for spec in layout.controls]
 
 
 def _verified(cached: Runtime, program: Program, feeds: Feeds, path: Path, opset: int | None, optimize: bool,
@@ -179,7 +184,7 @@ def _manifest(cached: Runtime, program: Program, feeds: Feeds, schedules: dict[s
     placeholders = [n for n in program.portable.graph.nodes if n.op == "placeholder"][: layout.num_user_inputs]
     user_names = feeds.input_names[: len(feeds.user)]
     user_tensors = feeds.user
-    controls = [torch.ones(order + 1) if spec.kind != "allow" else torch.tensor(False) for spec in layout.controls]
+    controls = _example_controls(layout, torch.device("cpu"))
     user_out_names = feeds.output_names[: layout.num_user_outputs]
     state_out_names = [f"{s.name}__out" for s in layout.states]
     timestep_input = next((n for n in user_names if n in cached.timestep_names), None)

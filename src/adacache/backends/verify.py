@@ -51,9 +51,12 @@ def verify_onnx(model_file: Path, program: Any, feeds: Feeds) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any load failure is the finding
         return f"ONNX Runtime cannot load it: {exc}"
     layout = program.layout
-    states = program.initial_state(torch.device("cpu"))
+    # The compiled model runs where its example inputs are (a GPU model on the GPU); ONNX
+    # Runtime runs on the CPU, fed copies.
+    device = feeds.user[0].device if feeds.user else torch.device("cpu")
+    states = program.initial_state(device)
     for what, allowed in CALLS:
-        controls = _controls(layout, allowed)
+        controls = _controls(layout, allowed, device)
         with torch.no_grad():
             expected = [_array(t) for t in program.portable(*feeds.all_leaves, *controls, *states)]
         arrays = [_array(t) for t in (*feeds.user, *controls, *states)]
@@ -66,20 +69,20 @@ def verify_onnx(model_file: Path, program: Any, feeds: Feeds) -> str | None:
             if problem:
                 return f"output {name!r} of the {what} call differs from the compiled model's: {problem}"
         n_user = layout.num_user_outputs
-        states = [torch.from_numpy(np.array(a)) for a in got[n_user : n_user + len(layout.states)]]
+        states = [torch.from_numpy(np.array(a)).to(device) for a in got[n_user : n_user + len(layout.states)]]
     return None
 
 
-def _controls(layout: Any, allowed: bool) -> list[torch.Tensor]:
+def _controls(layout: Any, allowed: bool, device: torch.device) -> list[torch.Tensor]:
     """The step's controls: the reuse flag of each site, and forecast coefficients that
     reuse ``D_0`` with a first-order term (so a forecast reads more than one stored tensor)."""
     order = layout.forecast_order
     controls = []
     for spec in layout.controls:
         if spec.kind == "allow":
-            controls.append(torch.tensor(allowed))
+            controls.append(torch.tensor(allowed, device=device))
         else:
-            values = torch.zeros(order + 1)
+            values = torch.zeros(order + 1, device=device)
             values[: min(order, 1) + 1] = 1.0
             controls.append(values)
     return controls

@@ -108,6 +108,8 @@ class MagCache(Policy):
         ratios = [1.0]
         for previous, current in zip(residuals.per_step, residuals.per_step[1:]):
             pairs = [(current[slot], previous[slot]) for slot in current if slot in previous]
+            if not pairs:
+                raise PolicyError("MagCache calibration: consecutive steps share no call slot (CFG call order changed mid-run)")
             ratios.append(sum(_norm_ratio(now, before) for now, before in pairs) / len(pairs))
         return dataclasses.replace(self, mag_ratios=tuple(ratios))
 
