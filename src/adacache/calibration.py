@@ -12,27 +12,7 @@ from .api import compile as compile_model
 from .api import session
 from .policies.adacorrection import fit_offset_scales  # noqa: F401 - AdaCorrection's fit, importable from here as before
 from .policies.base import Policy
-
-
-class OutputRecorder(nn.Module):
-    """Passes calls through to the cached model and keeps each call's main output tensor."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.outputs: list[torch.Tensor] = []
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.inner(*args, **kwargs)
-        leaf = out if isinstance(out, torch.Tensor) else (out[0] if isinstance(out, (tuple, list)) else out.sample)
-        self.outputs.append(leaf.detach().float().clone())
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("inner"), name)
+from .recording import OutputRecorder
 
 
 def calibrate(model: nn.Module, policy: Policy, run: Callable[[nn.Module], Any], degree: int = 4) -> Policy:

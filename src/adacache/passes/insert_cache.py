@@ -51,8 +51,9 @@ from .span import span_hull, take_trailing_slices
 
 META_KEY = "adacache"
 # Marks a copy made only for torch.cond's rules (eager lowering drops it): cache state a branch
-# passes through (a branch may not return its inputs), or an output that is a view at a storage
-# offset (both branches must return the same layout, offset included).
+# passes through (a branch may not return its inputs), or an output that is a view whose layout
+# is not the canonical one (both branches must return the same layout, storage offset and the
+# strides of size-1 dimensions included).
 STATE_COPY = "adacache_state_copy"
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import PolicyError
 from ..passes.regions import Region
+from ..recording import OutputRecorder
 from ..validate import policy_number, policy_numbers
 from .base import Policy, SitePlan, StepContext, policy_dataclass
 
@@ -155,30 +156,23 @@ def _norm_ratio(current: list[torch.Tensor], previous: list[torch.Tensor]) -> fl
     return float((now / (before + 1e-8)).mean())
 
 
-class _ResidualRecorder(nn.Module):
+class _ResidualRecorder(OutputRecorder):
     """Calls the compiled model and keeps, per step and call slot, the residual its blocks
-    added (the cache a residual-reusing span keeps)."""
+    added (the cache a residual-reusing span keeps), rather than the model's output."""
 
     def __init__(self, compiled: nn.Module) -> None:
-        super().__init__()
-        self.compiled = compiled
+        super().__init__(compiled)
         self.per_step: list[dict[int, list[torch.Tensor]]] = []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.compiled(*args, **kwargs)
-        sess = self.compiled.adacache.latest_session()
+        out = self.inner(*args, **kwargs)
+        sess = self.inner.adacache.latest_session()
         slot = sess.slots[sess.slot]
         values = [t.clone() for spec, t in zip(slot.program.layout.states, slot.tensors) if spec.role == "value"]
         while len(self.per_step) <= sess.step:
             self.per_step.append({})
         self.per_step[sess.step][sess.slot] = values
         return out
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("compiled"), name)
 
 
 def _warn_unknown_length(assumed: int) -> None:

@@ -77,14 +77,29 @@ class Runtime:
         guards.install_registration_hooks()
         self.model = model
         self.policy = policy
-        self.blocks = blocks
-        self.backend = backend
-        self.max_programs = max_programs
         self.program_cache = ProgramCache(model, policy, blocks=blocks, backend=backend, max_programs=max_programs)
         self.step_inputs = StepInputs(model, policy, timestep_arg)
         self.timestep_arg = self.step_inputs.timestep_arg
         self._local = threading.local()
         self._warned_plain_pipeline = False
+
+    # What the programs are captured with lives in the program cache; read (and set) it there.
+    @property
+    def blocks(self) -> str | Sequence[str] | None:
+        return self.program_cache.blocks
+
+    @property
+    def backend(self) -> str:
+        return self.program_cache.backend
+
+    @property
+    def max_programs(self) -> int:
+        """How many programs (input signatures) are kept; the least recently used goes first."""
+        return self.program_cache.max_programs
+
+    @max_programs.setter
+    def max_programs(self, value: int) -> None:
+        self.program_cache.max_programs = value
 
     @property
     def timestep_names(self) -> tuple[str, ...]:
