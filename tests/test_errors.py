@@ -66,9 +66,62 @@ def test_capture_failure_keeps_the_diagnostic_and_names_the_module():
     with pytest.raises(adacache.CaptureError) as info:
         cached(torch.randn(2, 8))
     message = str(info.value)
-    assert "submodule 'gate'" in message
+    assert "Branchy.gate on inputs" in message, "the submodule running the line is named"
     assert "float32[2, 8]" in message, "the inputs are described"
     assert info.value.__cause__ is not None, "the exporter's exception is chained"
+
+
+class Packed(nn.Module):
+    """Packs rows to their own lengths, as Lumina2 packs captions (``mask.sum(1).tolist()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8)])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(1).tolist()
+        if len(set(lengths)) > 1:
+            x = x * mask
+        return x + self.blocks[0](x)
+
+
+class Reshaping(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.blocks[0](x).view(3, -1, 8)[0]
+
+
+def _line_of(code: str) -> int:
+    with open(__file__) as source:
+        return next(number for number, line in enumerate(source, start=1) if code in line)
+
+
+@pytest.mark.parametrize("model, inputs, line, module", [
+    (Branchy(), (torch.randn(2, 8),), "if x.sum() > 0", "gate"),
+    (Packed(), (torch.randn(2, 8), torch.ones(2, 8)), "if len(set(lengths)) > 1", ""),
+])
+def test_a_data_dependent_line_is_named_with_its_code_and_what_applies(model, inputs, line, module):
+    cached = adacache.compile(model, adacache.FORA())
+    with pytest.raises(adacache.CaptureError) as info:
+        cached(*inputs)
+    error = info.value
+    assert error.source is not None and error.source.file == __file__
+    assert error.source.line == _line_of(line) and line in error.source.code
+    assert f"{__file__}:{error.source.line}" in str(error) and line in str(error)
+    assert error.module == module and error.data_dependent
+    assert "reads a tensor's value" in str(error), "the option that applies to a data-dependent line"
+    assert "example_inputs" not in str(error), "no input size avoids a data-dependent line"
+
+
+def test_a_shape_failure_points_at_the_line_and_suggests_the_served_size_at_compile_time():
+    with pytest.raises(adacache.CaptureError) as info:
+        adacache.compile(Reshaping(), adacache.FORA(), example_inputs=((torch.randn(2, 8),), {}))
+    error = info.value
+    assert error.source is not None and ".view(3, -1, 8)" in error.source.code
+    assert not error.data_dependent and "example_inputs=" in str(error)
 
 
 def test_pattern_that_matches_nothing():

@@ -12,7 +12,17 @@ class NotEligibleError(AdaCacheError):
 
 
 class CaptureError(AdaCacheError):
-    """``torch.export`` could not capture the model on the given inputs."""
+    """``torch.export`` could not capture the model on the given inputs.
+
+    Where known: ``reason`` is the exporter's one-line diagnostic, ``source`` the model's
+    line it could not trace (file, line, code), ``module`` the submodule running it (``""``
+    for the model itself) and ``data_dependent`` whether the line reads a tensor's value.
+    """
+
+    reason: str | None = None
+    source: object | None = None
+    module: str | None = None
+    data_dependent: bool = False
 
 
 class PolicyError(AdaCacheError, ValueError):

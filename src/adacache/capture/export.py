@@ -8,7 +8,6 @@ beats dynamic shapes for the models we target.
 
 from __future__ import annotations
 
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from ..errors import CaptureError
+from .diagnose import capture_error
 from .isolation import isolated_export
 
 
@@ -104,19 +104,6 @@ class CapturedGraph:
         return pytree.tree_unflatten(list(flat), self.out_spec)
 
 
-def _module_in_traceback(model: nn.Module, exc: BaseException) -> str | None:
-    """The qualified name of the deepest submodule of ``model`` whose code raised ``exc``."""
-    names = {id(m): name for name, m in model.named_modules()}
-    found = None
-    tb = exc.__traceback__
-    while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        if owner is not None and id(owner) in names:
-            found = names[id(owner)] or "<root>"
-        tb = tb.tb_next
-    return found
-
-
 def _input_summary(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return signature_of(args, kwargs).describe()
 
@@ -189,8 +176,9 @@ def capture(
     hooks do, is bypassed), on a copy of its module tree that shares its tensors.
 
     Raises:
-        CaptureError: export failed; the message keeps the exporter's diagnostic and names
-            the submodule whose code raised, and the inputs it was called with.
+        CaptureError: export failed; the message names the model's line that could not be
+            traced, the submodule running it, the inputs and the options that apply, and
+            keeps the exporter's diagnostic (see :mod:`adacache.capture.diagnose`).
     """
     kwargs = dict(kwargs or {})
     traced: list[nn.Module] = []
@@ -205,15 +193,7 @@ def capture(
             # other threads may go on running it (see capture/isolation.py).
             exported = isolated_export(export, model)
     except Exception as exc:  # noqa: BLE001 - re-raised with context below
-        where = _module_in_traceback(traced[0] if traced else model, exc)
-        where_msg = f" inside submodule '{where}'" if where else ""
-        tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}{where_msg} on inputs "
-            f"({_input_summary(args, kwargs)}).\nExporter diagnostic:\n{tail}\n"
-            "Fix: make the failing module traceable (avoid data-dependent Python control flow), "
-            "or pass `example_inputs=` that match the way you call the model."
-        ) from exc
+        raise capture_error(model, traced[0] if traced else model, _input_summary(args, kwargs), exc) from exc
     gm = drop_noops(_flatten_graph(exported.module()))
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     return CapturedGraph(
