@@ -146,18 +146,21 @@ def test_a_session_runs_on_what_it_is_handed():
 
 
 def test_the_compile_pipeline_is_one_function():
-    """``compiler.compile_graph`` runs capture, find blocks, plan, outline, insert, lower in
-    that order, and the runtime's programs are made by it."""
+    """``compiler.compile_graph`` runs capture, then ``rewrite``: find blocks, plan, outline,
+    insert, lower in that order, and the runtime's programs are made by it (or, in blocks
+    mode, by ``blockwise.compile_blockwise``, which calls the same ``rewrite`` per run)."""
     from adacache import compiler
     from adacache.runtime import program
     from families import FAMILIES
 
     source = ast.parse(Path(compiler.__file__).read_text())
-    body = next(n for n in source.body if isinstance(n, ast.FunctionDef) and n.name == "compile_graph")
-    called = [n.func.id if isinstance(n.func, ast.Name) else n.func.attr for n in ast.walk(body) if isinstance(n, ast.Call)]
-    order = ["capture", "find_blocks", "plan", "outline_sites", "insert_cache_nodes", "lower"]
+    called = []
+    for function in ("compile_graph", "rewrite"):
+        body = next(n for n in source.body if isinstance(n, ast.FunctionDef) and n.name == function)
+        called += [n.func.id if isinstance(n.func, ast.Name) else n.func.attr for n in ast.walk(body) if isinstance(n, ast.Call)]
+    order = ["capture", "rewrite", "find_blocks", "plan", "outline_sites", "insert_cache_nodes", "lower"]
     assert [c for c in called if c in order] == order
-    assert "compile_graph(" in Path(program.__file__).read_text()
+    assert "compile_graph" in Path(program.__file__).read_text() and "compile_blockwise" in Path(program.__file__).read_text()
 
     model, inputs, _ = FAMILIES["tiny_dit"]()
     compiled = adacache.compile(model, adacache.FORA(interval=2))

@@ -62,7 +62,7 @@ def test_blocks_whose_outputs_are_not_residual_are_rejected_with_reason():
 
 
 def test_capture_failure_keeps_the_diagnostic_and_names_the_module():
-    cached = adacache.compile(Branchy(), adacache.FORA())
+    cached = adacache.compile(Branchy(), adacache.FORA(), capture="graph")
     with pytest.raises(adacache.CaptureError) as info:
         cached(torch.randn(2, 8))
     message = str(info.value)
@@ -104,7 +104,7 @@ def _line_of(code: str) -> int:
     (Packed(), (torch.randn(2, 8), torch.ones(2, 8)), "if len(set(lengths)) > 1", ""),
 ])
 def test_a_data_dependent_line_is_named_with_its_code_and_what_applies(model, inputs, line, module):
-    cached = adacache.compile(model, adacache.FORA())
+    cached = adacache.compile(model, adacache.FORA(), capture="graph")
     with pytest.raises(adacache.CaptureError) as info:
         cached(*inputs)
     error = info.value
@@ -118,10 +118,41 @@ def test_a_data_dependent_line_is_named_with_its_code_and_what_applies(model, in
 
 def test_a_shape_failure_points_at_the_line_and_suggests_the_served_size_at_compile_time():
     with pytest.raises(adacache.CaptureError) as info:
-        adacache.compile(Reshaping(), adacache.FORA(), example_inputs=((torch.randn(2, 8),), {}))
+        adacache.compile(Reshaping(), adacache.FORA(), example_inputs=((torch.randn(2, 8),), {}), capture="graph")
     error = info.value
     assert error.source is not None and ".view(3, -1, 8)" in error.source.code
     assert not error.data_dependent and "example_inputs=" in str(error)
+
+
+class GatedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # inside the block: capturing the block alone fails the same way
+            return x + self.proj(x)
+        return x
+
+
+class GatedBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([GatedBlock(), GatedBlock()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_auto_capture_that_fails_in_both_modes_says_so_with_the_line():
+    cached = adacache.compile(GatedBlocks(), adacache.FORA())
+    with pytest.raises(adacache.CaptureError) as info, torch.no_grad():
+        cached(torch.ones(2, 8))
+    message = str(info.value)
+    assert "GatedBlocks.blocks.0" in message and "if x.sum() > 0" in message
+    assert "capture='blocks' (tried because capture='auto') failed too" in message
 
 
 def test_pattern_that_matches_nothing():

@@ -39,6 +39,7 @@ _EXPORTS = {
     "ArtifactError": "adacache.errors",
     "InputError": "adacache.errors",
     "RequestBoundaryWarning": "adacache.errors",
+    "CaptureFallbackWarning": "adacache.errors",
     "TimestepWarning": "adacache.errors",
     "Summary": "adacache.report",
     "graph_diff": "adacache.report",

@@ -26,6 +26,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     backend: str = "eager",
     example_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
     timestep_arg: str | None = None,
+    capture: str = "auto",
 ) -> Any:
     """Cache the transformer blocks of a model, or of every denoiser of a diffusers pipeline.
 
@@ -45,6 +46,10 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
             it is none of ``timestep``, ``timesteps``, ``t``, ``sigma``, ``sigmas``. Steps, CFG
             slots and requests are told apart by it; a model called without a recognised one
             warns once (``adacache.TimestepWarning``) and counts each call as a step.
+        capture: ``"graph"`` captures the whole model with ``torch.export`` (a failure is a
+            ``CaptureError``); ``"blocks"`` runs the model's own code eagerly and captures each
+            run of its blocks (no ONNX / TensorRT export); ``"auto"`` (default) tries the whole
+            graph and falls back to blocks with one ``adacache.CaptureFallbackWarning``.
 
     Returns:
         For a model: the compiled model, an instance of a subclass of the model's class that
@@ -54,7 +59,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
         :func:`uncompile` gives back the plain model or pipeline.
     """
     def runtime_for(module: nn.Module) -> Runtime:
-        return Runtime(module, policy, blocks=blocks, backend=backend, timestep_arg=timestep_arg)
+        return Runtime(module, policy, blocks=blocks, backend=backend, timestep_arg=timestep_arg, capture=capture)
 
     if is_pipeline(model):
         if example_inputs is not None:
@@ -201,6 +206,10 @@ def explain(model: nn.Module, *, denoiser: str | None = None) -> str:
     program = cached.programs[-1]
     lines = [
         f"adacache: {cached.policy.describe()} on {type(cached.model).__name__}, backend {program.backend}",
+        "capture: " + (
+            "graph (the whole model is one captured graph)" if program.mode == "graph"
+            else f"blocks (the model's own code runs eagerly; {len(program.runs)} run(s) of blocks captured)"
+        ),
         f"captured for: {program.captured.signature.describe()}",
         f"eligible blocks: {len(program.blocks)} ({', '.join(b.name for b in program.blocks[:3])}"
         + (", ..." if len(program.blocks) > 3 else "") + ")",
@@ -214,6 +223,12 @@ def explain(model: nn.Module, *, denoiser: str | None = None) -> str:
         f"graph inputs: {layout.num_user_inputs} user + {len(layout.controls)} controls + {len(layout.states)} cache; "
         f"outputs: {layout.num_user_outputs} user + {len(layout.states)} cache + {len(layout.signals)} signals"
     )
-    lines.append("graph diff (captured -> cached):")
-    lines.append(graph_diff(program.original, program.portable))
+    if program.mode == "graph":
+        lines += ["graph diff (captured -> cached):", graph_diff(program.original, program.portable)]
+    for run in program.runs or ():
+        if run.first.compiled is None:
+            lines.append(f"run {run.plan.describe()}: {run.first.reason}")
+        else:
+            lines += [f"run {run.plan.describe()}, graph diff (captured -> cached):",
+                      graph_diff(run.first.compiled.original, run.first.compiled.portable)]
     return "\n".join(lines)

@@ -49,6 +49,12 @@ class CompiledGraph:
     blocks: list[Region]
     original: fx.GraphModule
     backend: str
+    runs: list[Any] | None = None
+
+    @property
+    def mode(self) -> str:
+        """``graph`` (the whole model is one captured graph) or ``blocks``."""
+        return "graph" if self.runs is None else "blocks"
 
 
 def compile_graph(
@@ -61,9 +67,13 @@ def compile_graph(
     backend: str = "eager",
 ) -> CompiledGraph:
     """Capture ``model`` on these inputs and rewrite it for ``policy``, lowered for ``backend``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use 'eager' or 'inductor' (ONNX / TensorRT go through adacache.export)")
+    check_backend(backend)
     captured = capture(model, args, kwargs)
+    return rewrite(captured, model, policy, blocks=blocks, backend=backend)
+
+
+def rewrite(captured: CapturedGraph, model: nn.Module, policy: Policy, *, blocks: Any = None, backend: str = "eager") -> CompiledGraph:
+    """Steps 2-6 on a captured graph of ``model`` (or of a run of its blocks)."""
     gm = drop_noop_squeezes(captured.graph_module)
     found = find_blocks(gm, model, blocks)
     original = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # after annotation: "before" shows the blocks found
@@ -74,14 +84,18 @@ def compile_graph(
     return CompiledGraph(captured, gm, lower(gm, backend), gm.meta["adacache"], found, original, backend)
 
 
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use 'eager' or 'inductor' (ONNX / TensorRT go through adacache.export)")
+
+
 def lower(gm: fx.GraphModule, backend: str) -> Any:
     """The rewritten graph made runnable: Python control flow for eager PyTorch (on a copy;
     ``gm`` stays portable), or ``torch.compile`` with Inductor."""
+    check_backend(backend)
     if backend == "eager":
         return hoist_attributes(bind_operators(drop_state_copies(lower_cond_to_python(copy_graph_module(gm)))))
-    if backend == "inductor":
-        return torch.compile(gm, backend="inductor", dynamic=False, fullgraph=True)
-    raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+    return torch.compile(gm, backend="inductor", dynamic=False, fullgraph=True)
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

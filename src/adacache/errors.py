@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning raised by the calling function points at the
+    first frame outside adacache and torch: the user's line (or their pipeline library's)."""
+    import os
+    import sys
+
+    library = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules["adacache"], sys.modules.get("torch")) if m)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(library):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class AdaCacheError(Exception):
     """Base class of every error adacache raises on purpose."""
 
@@ -23,6 +36,11 @@ class CaptureError(AdaCacheError):
     source: object | None = None
     module: str | None = None
     data_dependent: bool = False
+
+
+class CaptureFallbackWarning(UserWarning):
+    """``torch.export`` could not capture the model whole, and ``capture="auto"`` runs it
+    with ``capture="blocks"`` (its own code eagerly, each run of its blocks captured)."""
 
 
 class PolicyError(AdaCacheError, ValueError):

@@ -193,7 +193,7 @@ class Summary:
             + (f", ambiguous request starts restarted {self.restarts}" if self.restarts else ""),
             f"  hit rate {self.hit_rate:.1%}, "
             + (f"FLOPs skipped {self.flops_skipped:.1%} (FLOP-bound speedup {self.flop_bound_speedup:.2f}x)"
-               if self._flops_known else "FLOPs unknown (a data-dependent op such as nonzero cannot be counted)")
+               if self._flops_known else "FLOPs unknown (a data-dependent op such as nonzero, or code outside any captured graph in capture='blocks' mode)")
             + f", cache memory {self.cache_bytes / 2**20:.2f} MiB"
             + (f", reflection: {self.replays} replayed calls" if self.replays else "")
             + (f", {self.reflection_flops:.2%} extra FLOPs" if self.replays and self._flops_known else ""),

@@ -56,6 +56,13 @@ class _FlatTensorsOnly(nn.Module):
 def check_exportable(cached: Runtime, program: Program, backend: str) -> dict[str, dict[str, Any]]:
     """The schedule spec of every cached site, or an ExportError saying what cannot be exported."""
     policy = cached.policy
+    if program.mode == "blocks":
+        raise ExportError(
+            f"{type(cached.model).__name__} was captured with capture='blocks' (torch.export cannot capture it whole), so "
+            f"there is no single graph to export to {backend}: its own code runs eagerly between its captured runs of "
+            "blocks. adacache.compile(..., capture='graph') names the line that stops whole-model capture; serve this "
+            "model with the PyTorch runtime (eager or backend='inductor')"
+        )
     if backend not in policy.backends:
         raise ExportError(
             f"{type(policy).__name__} cannot be exported to {backend}: its decisions need the PyTorch runtime "

@@ -65,6 +65,7 @@ class Runtime:
         backend: str = "eager",
         max_programs: int = 8,
         timestep_arg: str | None = None,
+        capture: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"adacache.compile expects a torch.nn.Module or a diffusers pipeline, got {type(model).__name__}")
@@ -77,7 +78,9 @@ class Runtime:
         guards.install_registration_hooks()
         self.model = model
         self.policy = policy
-        self.program_cache = ProgramCache(model, policy, blocks=blocks, backend=backend, max_programs=max_programs)
+        self.program_cache = ProgramCache(
+            model, policy, blocks=blocks, backend=backend, max_programs=max_programs, capture=capture
+        )
         self.step_inputs = StepInputs(model, policy, timestep_arg)
         self.timestep_arg = self.step_inputs.timestep_arg
         self._local = threading.local()
@@ -91,6 +94,11 @@ class Runtime:
     @property
     def backend(self) -> str:
         return self.program_cache.backend
+
+    @property
+    def capture(self) -> str:
+        """The capture mode asked for: ``auto``, ``graph`` or ``blocks``."""
+        return self.program_cache.capture
 
     @property
     def max_programs(self) -> int:
@@ -218,7 +226,8 @@ class CachedModule(nn.Module):
         runtime = type(self).adacache
         plain = copy.deepcopy(runtime.model, memo)
         return compiled_view(plain, Runtime(plain, runtime.policy, blocks=runtime.blocks, backend=runtime.backend,
-                                            max_programs=runtime.max_programs, timestep_arg=runtime.timestep_arg))
+                                            max_programs=runtime.max_programs, timestep_arg=runtime.timestep_arg,
+                                            capture=runtime.capture))
 
     def __reduce_ex__(self, protocol: int) -> Any:
         raise TypeError(

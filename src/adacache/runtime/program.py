@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..blockwise import compile_blockwise
 from ..compiler import CompiledGraph, compile_graph
 from ..passes.contract import SitePlan
 from ..policies.base import Policy
@@ -44,10 +45,14 @@ class Program(CompiledGraph):
         return self._flops
 
 
-def build_program(model: nn.Module, policy: Policy, args: tuple[Any, ...], kwargs: dict[str, Any], **options: Any) -> Program:
-    """Run the compile pipeline (:func:`adacache.compiler.compile_graph`, which takes
-    ``blocks`` and ``backend`` as ``options``) for these inputs."""
-    graph = compile_graph(model, policy, args, kwargs, **options)
+def build_program(
+    model: nn.Module, policy: Policy, args: tuple[Any, ...], kwargs: dict[str, Any], *, capture: str = "graph", **options: Any
+) -> Program:
+    """Run the compile pipeline for these inputs: :func:`adacache.compiler.compile_graph`
+    (``capture="graph"``) or :func:`adacache.blockwise.compile_blockwise` (``"blocks"``),
+    which take ``blocks`` and ``backend`` as ``options``."""
+    compile_model = compile_blockwise if capture == "blocks" else compile_graph
+    graph = compile_model(model, policy, args, kwargs, **options)
     return Program(**{f.name: getattr(graph, f.name) for f in dataclasses.fields(CompiledGraph)})
 
 
@@ -63,14 +68,22 @@ def _fake_inputs(nodes: list[fx.Node], mode: Any) -> list[Any]:
     return out
 
 
-def _count_flops(program: Program) -> dict[str, int | None]:
+def _count_flops(program: CompiledGraph) -> dict[str, int | None]:
     """FLOPs per site and for the whole model; ``None`` where they cannot be counted (an op
-    whose output shape depends on data, such as ``nonzero``, has no fake-tensor shape)."""
+    whose output shape depends on data, such as ``nonzero``, has no fake-tensor shape; a
+    model in blocks mode runs code outside any graph)."""
+    if program.runs is not None:
+        flops: dict[str, int | None] = {"<model>": None}
+        for run in program.runs:
+            if run.first.compiled is not None:
+                counted = _count_flops(run.first.compiled)
+                flops.update({run.prefix + site: value for site, value in counted.items() if site != "<model>"})
+        return flops
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
     from torch.utils.flop_counter import FlopCounterMode
 
-    flops: dict[str, int | None] = {}
+    flops = {}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     root = program.portable
 
