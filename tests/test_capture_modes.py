@@ -261,3 +261,22 @@ def test_blocks_mode_with_inductor_equals_eager_and_never_recompiles():
         assert torch.allclose(a, b, atol=1e-4, rtol=0)
     assert reuse_map(compiled)[-4:] == [False, True, False, True]
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 0, "nothing compiled after the first generation"
+
+
+def test_recording_holds_no_block_output():
+    """The recording follows block outputs by identity only while the model holds them: on a
+    large model, keeping every block's activation would cost gigabytes."""
+    import weakref
+
+    from adacache.capture.blocks import record_block_runs
+
+    model = _seeded(Packing(depth=4))
+    outputs: list[weakref.ref] = []
+    hooks = [block.register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out)))
+             for block in model.transformer_blocks]
+    recording = record_block_runs(model, (), packing_inputs()(torch.tensor(500.0)), [f"transformer_blocks.{i}" for i in range(4)])
+    for hook in hooks:
+        hook.remove()
+    assert len(outputs) == 4 and all(ref() is None for ref in outputs)
+    assert [run.describe() for run in recording.runs] == ["transformer_blocks.0..transformer_blocks.3"]
+    assert [len(example) for example in recording.examples] == [2]

@@ -24,6 +24,7 @@ output (``h = h + block(h)``, a list of every block's output) gets a run per blo
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -155,19 +156,37 @@ _METADATA_READS = {"shape", "size", "dim", "ndim", "dtype", "device", "__len__",
                    "requires_grad", "is_cuda", "layout", "is_complex", "element_size"}
 
 
-class _ReadTracker(TorchFunctionMode):
-    """Notes which block outputs code outside the blocks reads (by identity)."""
+@dataclass(frozen=True)
+class _Made:
+    """A block output, where the recording meets it again: output ``leaf`` of call ``call``.
+    Only its metadata is kept, so that recording holds no activation alive."""
 
-    def __init__(self, outputs: dict[int, tuple[int, int]], reads: set[int], inside: list[bool]) -> None:
+    call: int
+    leaf: int
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def example(self) -> torch.Tensor:
+        """A tensor of its layout (export and fake-tensor runs read no values)."""
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+
+
+class _ReadTracker(TorchFunctionMode):
+    """Notes which block outputs code outside the blocks reads, as ``(call, leaf)``."""
+
+    def __init__(self, produced: dict[int, _Made], reads: set[tuple[int, int]], inside: list[bool]) -> None:
         super().__init__()
-        self.outputs, self.reads, self.inside = outputs, reads, inside
+        self.produced, self.reads, self.inside = produced, reads, inside
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if not self.inside[0] and getattr(func, "__name__", None) not in _METADATA_READS:
             for leaf in pytree.tree_leaves((args, kwargs)):
-                if isinstance(leaf, torch.Tensor) and id(leaf) in self.outputs:
-                    self.reads.add(id(leaf))
+                made = self.produced.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+                if made is not None:
+                    self.reads.add((made.call, made.leaf))
         return func(*args, **kwargs)
 
 
@@ -184,6 +203,9 @@ class Recording:
 
 @dataclass
 class _Observed:
+    """One block call: its input leaves (values, tensors no block made - kept, so their
+    identity stays theirs - and :class:`_Made` for block outputs) and its output leaves."""
+
     name: str
     in_spec: pytree.TreeSpec
     inputs: list[Any]
@@ -194,137 +216,141 @@ class _Observed:
 def record_block_runs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], names: list[str]) -> Recording:
     """Call ``model`` once, eagerly, and split its calls of the blocks ``names`` into runs.
 
+    Block outputs are followed by identity while they live (a weak reference drops each from
+    the table when the model lets it go), so the recording costs no more memory than the call.
+
     Raises:
         CaptureError: none of the blocks was called through the model's module tree.
     """
     observed: list[_Observed] = []
-    produced: dict[int, tuple[int, int]] = {}  # id(output tensor) -> (call, leaf)
-    reads: set[int] = set()
+    produced: dict[int, _Made] = {}  # id(live block output) -> where it came from
+    reads: set[tuple[int, int]] = set()
     inside = [False]
 
     def record(name: str, block: nn.Module, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> Any:
-        inputs, in_spec = pytree.tree_flatten((call_args, call_kwargs))
+        leaves, in_spec = pytree.tree_flatten((call_args, call_kwargs))
+        inputs = [produced.get(id(leaf), leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         inside[0] = True
         try:
             out = block(*call_args, **call_kwargs)
         finally:
             inside[0] = False
         outputs, out_spec = pytree.tree_flatten(out)
+        metas: list[Any] = []
         for j, leaf in enumerate(outputs):
-            if isinstance(leaf, torch.Tensor):
-                produced[id(leaf)] = (len(observed), j)
-        observed.append(_Observed(name, in_spec, inputs, out_spec, outputs))  # keeps every tensor alive: ids stay unique
+            if isinstance(leaf, torch.Tensor) and id(leaf) not in produced:
+                made = _Made(len(observed), j, leaf.shape, tuple(leaf.stride()), leaf.dtype, leaf.device)
+                produced[id(leaf)] = made
+                weakref.finalize(leaf, produced.pop, id(leaf), None)
+                metas.append(made)
+            else:
+                metas.append(produced.get(id(leaf), leaf) if isinstance(leaf, torch.Tensor) else leaf)
+        observed.append(_Observed(name, in_spec, inputs, out_spec, metas))
         return out
 
     with torch.no_grad(), routing(record), _ReadTracker(produced, reads, inside):
         result = routed_copy(model, names)(*args, **kwargs)
     outputs, out_spec = pytree.tree_flatten(result)
     for leaf in outputs:  # what the model returns, its caller reads
-        if isinstance(leaf, torch.Tensor) and id(leaf) in produced:
-            reads.add(id(leaf))
+        made = produced.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+        if made is not None:
+            reads.add((made.call, made.leaf))
     if not observed:
         raise CaptureError(
             f"{type(model).__name__} called none of its blocks ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) "
             "through its module tree, so capture='blocks' has nothing to capture (a block kept in a plain Python list "
             "is called around it); pass blocks= naming the modules its forward calls"
         )
-    runs = _split(observed, produced, reads)
-    plans = [_plan(observed, run, produced) for run in runs]
+    runs = _split(observed, reads)
+    plans = [_plan(observed, run) for run in runs]
     examples = [_externals(observed, run, plan) for run, plan in zip(runs, plans)]
     return Recording(plans, examples, out_spec, len(outputs))
 
 
-def _split(observed: list[_Observed], produced: dict[int, tuple[int, int]], reads: set[int]) -> list[list[int]]:
+def _identity(leaf: Any) -> Any:
+    """What makes two input leaves the same tensor: a block output's origin, else the object."""
+    return (leaf.call, leaf.leaf) if isinstance(leaf, _Made) else ("tensor", id(leaf))
+
+
+def _tensors(leaves: list[Any]) -> list[Any]:
+    return [leaf for leaf in leaves if isinstance(leaf, (torch.Tensor, _Made))]
+
+
+def _split(observed: list[_Observed], reads: set[tuple[int, int]]) -> list[list[int]]:
     """Consecutive calls grouped into runs (see the module docstring), ending a run early
     wherever a middle output turns out to be read outside it."""
     must_end: set[int] = set()
     while True:
         runs: list[list[int]] = [[0]]
         for p in range(1, len(observed)):
-            if p - 1 not in must_end and _continues(observed, produced, runs[-1], p):
+            if p - 1 not in must_end and _continues(observed, runs[-1], p):
                 runs[-1].append(p)
             else:
                 runs.append([p])
-        broken = _middle_outputs_read_outside(observed, produced, reads, runs)
+        broken = _middle_outputs_read_outside(observed, reads, runs)
         if not broken:
             return runs
         must_end |= broken
 
 
-def _continues(observed: list[_Observed], produced: dict[int, tuple[int, int]], run: list[int], p: int) -> bool:
+def _continues(observed: list[_Observed], run: list[int], p: int) -> bool:
     """Whether call ``p`` may join ``run``: it reads the previous call's output, and every
     other tensor it reads is a run output or was given to the run's first call."""
     members = set(run)
-    given = {id(t) for t in observed[run[0]].inputs if isinstance(t, torch.Tensor) and not _made_by(produced, t, members)}
+    inside = lambda leaf: isinstance(leaf, _Made) and leaf.call in members  # noqa: E731
+    given = {_identity(leaf) for leaf in _tensors(observed[run[0]].inputs) if not inside(leaf)}
     reads_previous = False
-    for leaf in observed[p].inputs:
-        if not isinstance(leaf, torch.Tensor):
-            continue
-        source = produced.get(id(leaf))
-        if source is not None and source[0] in members:
-            reads_previous |= source[0] == p - 1
-        elif id(leaf) not in given:
+    for leaf in _tensors(observed[p].inputs):
+        if inside(leaf):
+            reads_previous |= leaf.call == p - 1
+        elif _identity(leaf) not in given:
             return False
     return reads_previous
 
 
-def _made_by(produced: dict[int, tuple[int, int]], tensor: torch.Tensor, members: set[int]) -> bool:
-    source = produced.get(id(tensor))
-    return source is not None and source[0] in members
-
-
-def _middle_outputs_read_outside(
-    observed: list[_Observed], produced: dict[int, tuple[int, int]], reads: set[int], runs: list[list[int]]
-) -> set[int]:
+def _middle_outputs_read_outside(observed: list[_Observed], reads: set[tuple[int, int]], runs: list[list[int]]) -> set[int]:
     """Calls that are not last in their run but whose output the model's code, or a block of
     another run, reads."""
     run_of = {p: r for r, run in enumerate(runs) for p in run}
     read_elsewhere = set(reads)
     for p, call in enumerate(observed):
-        for leaf in call.inputs:
-            source = produced.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
-            if source is not None and run_of[source[0]] != run_of[p]:
-                read_elsewhere.add(id(leaf))
-    broken = set()
-    for run in runs:
-        for p in run[:-1]:
-            if any(isinstance(t, torch.Tensor) and id(t) in read_elsewhere for t in observed[p].outputs):
-                broken.add(p)
-    return broken
+        for leaf in _tensors(call.inputs):
+            if isinstance(leaf, _Made) and run_of[leaf.call] != run_of[p]:
+                read_elsewhere.add((leaf.call, leaf.leaf))
+    return {p for run in runs for p in run[:-1] if any((p, j) in read_elsewhere for j in range(len(observed[p].outputs)))}
 
 
-def _plan(observed: list[_Observed], run: list[int], produced: dict[int, tuple[int, int]]) -> RunPlan:
+def _plan(observed: list[_Observed], run: list[int]) -> RunPlan:
     position = {p: i for i, p in enumerate(run)}
-    externals: dict[int, int] = {}
+    externals: dict[Any, int] = {}
     plan = RunPlan()
     for p in run:
         call = observed[p]
         leaves = []
         for leaf in call.inputs:
-            if not isinstance(leaf, torch.Tensor):
+            if not isinstance(leaf, (torch.Tensor, _Made)):
                 leaves.append(Leaf("const", value=leaf))
-                continue
-            source = produced.get(id(leaf))
-            if source is not None and source[0] in position:
-                leaves.append(Leaf("link", index=source[1], call=position[source[0]]))
+            elif isinstance(leaf, _Made) and leaf.call in position:
+                leaves.append(Leaf("link", index=leaf.leaf, call=position[leaf.call]))
             else:
-                leaves.append(Leaf("external", index=externals.setdefault(id(leaf), len(externals))))
+                leaves.append(Leaf("external", index=externals.setdefault(_identity(leaf), len(externals))))
         plan.calls.append(BlockCall(call.name, call.in_spec, leaves, call.out_spec))
     plan.num_externals = len(externals)
     return plan
 
 
-# -- what is captured ---------------------------------------------------------------------------
-
 def _externals(observed: list[_Observed], run: list[int], plan: RunPlan) -> list[torch.Tensor]:
-    """The run's outside tensors as the recorded call gave them, in the plan's order."""
+    """The run's outside tensors as the recorded call gave them, in the plan's order (a block
+    output of an earlier run, no longer held, as a tensor of its layout)."""
     found: list[Any] = [None] * plan.num_externals
     for p, call in zip(run, plan.calls):
         for template, value in zip(call.leaves, observed[p].inputs):
             if template.kind == "external":
-                found[template.index] = value
+                found[template.index] = value.example() if isinstance(value, _Made) else value
     return found
 
+
+# -- what is captured ---------------------------------------------------------------------------
 
 class RunModule(nn.Module):
     """One run of blocks as a module: the run's outside tensors in, the last block's output
