@@ -336,3 +336,49 @@ def test_squeezes_that_remove_nothing_are_dropped():
     assert len(before) == 3
     assert after == [(torch.ops.aten.squeeze.dim, 2), (torch.ops.aten.squeeze.dims, [0, 2])]
     assert torch.equal(gm(x)[0] if isinstance(gm(x), (tuple, list)) else gm(x), Squeezes()(x))
+
+
+class _ScatteredBlocks(torch.nn.Module):
+    """Writes its result into columns chosen by an index tensor (``out[:, idx] = y``): an
+    ``index_put_`` whose index list holds ``None``, which the Python binding refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_ResidualLinear(8, 8) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        out = torch.zeros(2, 10)
+        out[:, torch.arange(8) + 1] = x + timestep.view(-1, 1)
+        return out
+
+
+def test_operators_taking_optional_tensor_lists_keep_their_overload():
+    assert _python_binding(torch.ops.aten.index_put_.default) is None
+    assert _python_binding(torch.ops.aten.index_put.default) is None
+    model = _ScatteredBlocks().eval()
+    compiled = adacache.compile(model, adacache.NoCache())
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert torch.equal(compiled(x, torch.full((2,), 900.0)), model(x, torch.full((2,), 900.0)))
+
+
+def test_a_site_reads_attributes_export_placed_inside_its_block():
+    """torch.export places the ``get_attr`` of a block's attention score or mask function
+    where it is used, inside the block; the site's call, placed where the block began, must
+    come after it."""
+    from adacache.passes.outline import outline_region
+
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    captured = capture(model, (), inputs(torch.tensor(500.0)))
+    gm = captured.graph_module
+    block = find_blocks(gm, model)[1]
+    params = [arg for node in block.nodes for arg in node.all_input_nodes if arg.op == "get_attr"]
+    block.nodes[len(block.nodes) // 2].prepend(params[0])  # as export leaves it for a score function
+    outline_region(gm, block, "site_x")
+    gm.graph.lint()
+    gm.recompile()
+    feeds = inputs(torch.tensor(500.0))
+    with torch.no_grad():
+        assert torch.equal(gm(*captured.flatten_inputs((), feeds))[0], model(**feeds))

@@ -35,6 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import CaptureError
+from .isolation import structural_copy
 
 
 @dataclass(frozen=True)
@@ -118,34 +119,17 @@ def _routed_block(name: str, block: nn.Module) -> nn.Module:
 
 
 def routed_copy(model: nn.Module, names: list[str]) -> nn.Module:
-    """A copy of ``model`` in which each named block is a routed stand-in.
+    """A :func:`~adacache.capture.isolation.structural_copy` of ``model`` (new module objects
+    over the same tensors) in which each named block is a routed stand-in for the user's block.
 
-    Only the modules on the way from the root to a block are copied (each with its own
-    submodule table, everything else shared); all other modules are ``model``'s own. The
-    user's model is never changed, so other threads and the uncompiled model run as before.
+    The model's own code runs on the copy, so what it does to its modules while running
+    (OmniGen's rotary embedding replaces its ``inv_freq`` buffer at every call) stays in the
+    copy: the user's model, which other threads and the guards read, is never changed.
     """
-    copies: dict[str, nn.Module] = {}
-
-    def copy_of(path: str) -> nn.Module:
-        done = copies.get(path)
-        if done is not None:
-            return done
-        module = model.get_submodule(path)
-        new = object.__new__(type(module))
-        state = dict(vars(module))
-        state["_modules"] = dict(state["_modules"])
-        vars(new).update(state)
-        copies[path] = new
-        if path:
-            parent, _, child = path.rpartition(".")
-            vars(copy_of(parent))["_modules"][child] = new
-        return new
-
-    root = copy_of("")
-    vars(root).pop("forward", None)  # an instance forward (accelerate's hooks) wraps the user's object
+    root = structural_copy(model)
     for name in names:
         parent, _, child = name.rpartition(".")
-        vars(copy_of(parent))["_modules"][child] = _routed_block(name, model.get_submodule(name))
+        vars(root.get_submodule(parent))["_modules"][child] = _routed_block(name, model.get_submodule(name))
     return root
 
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-from ..errors import NotEligibleError
-from .regions import Region, build_region, compute_order, is_compute_node, tensor_meta
+from ..errors import CaptureError, NotEligibleError
+from .regions import DATA_DEPENDENT_SHAPE, Region, build_region, compute_order, is_compute_node, tensor_meta
 
 BLOCK_CONTAINERS = (
     "transformer_blocks",
@@ -112,6 +112,12 @@ def find_blocks(
     _drop_blocks_without_tokens(blocks, rejected)
     blocks.sort(key=lambda r: order[r.nodes[0]])
     if not blocks:
+        if rejected and all(reason.endswith(DATA_DEPENDENT_SHAPE) for reason in rejected):
+            raise CaptureError(
+                f"{type(model).__name__} was captured, but the shapes of its blocks depend on tensor values "
+                f"({rejected[0]}), so no cache of a fixed shape can stand for them. capture='blocks' captures each run "
+                "of blocks on the shapes of each call (capture='auto' falls back to it)"
+            )
         raise _no_blocks_error(model, pattern, names, rejected)
     for block in blocks:
         for node in block.nodes:

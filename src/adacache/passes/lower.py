@@ -69,6 +69,8 @@ def _python_binding(op: torch._ops.OpOverload) -> Callable[..., Any] | None:
     """
     if op.namespace != "aten":
         return None
+    if any(str(arg.type) == "List[Optional[Tensor]]" for arg in op._schema.arguments):
+        return None  # the bindings refuse None in a list of optional tensors (index_put's indices)
     name = op.overloadpacket.__name__
     for module in (torch._C._VariableFunctions, torch._C._nn):
         binding = getattr(module, name, None)

@@ -26,6 +26,16 @@ def region_parameters(region: Region) -> list[fx.Node]:
     return list(seen)
 
 
+def _move_in_front(graph: fx.Graph, attributes: list[fx.Node], first: fx.Node) -> None:
+    """Move the ``get_attr`` nodes that stand inside the region (torch.export places those of
+    a block's attention score and mask functions where they are used) in front of it: the
+    call that replaces the region reads them."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    for attribute in attributes:
+        if position[attribute] > position[first]:
+            first.prepend(attribute)
+
+
 def outline_region(gm: fx.GraphModule, region: Region, name: str) -> fx.Node:
     """Replace ``region`` in ``gm`` by ``call_module(name)``; return the new call node.
 
@@ -54,6 +64,7 @@ def outline_region(gm: fx.GraphModule, region: Region, name: str) -> fx.Node:
     gm.add_submodule(name, child)
 
     graph = gm.graph
+    _move_in_front(graph, params, region.nodes[0])
     with graph.inserting_before(region.nodes[0]):
         call = graph.call_module(name, (*region.inputs, *params))
         call.meta["nn_module_stack"] = dict(region.nodes[0].meta.get("nn_module_stack") or {})

@@ -82,9 +82,22 @@ def tensor_meta(node: fx.Node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+#: The reason a region is refused when its shapes depend on tensor values.
+DATA_DEPENDENT_SHAPE = "its output's shape depends on tensor values (a size torch.export could not fix)"
+
+
+def has_static_shape(value: torch.Tensor) -> bool:
+    """Whether every size of ``value`` is a plain integer. A graph captured around a
+    data-dependent size (``nonzero``, a boolean mask) carries a symbol there instead, and
+    comparing one would ask the exporter's shape environment a question it cannot answer."""
+    return all(isinstance(size, int) for size in value.shape)
+
+
 def _same_kind(a: fx.Node, b: fx.Node) -> bool:
     ta, tb = tensor_meta(a), tensor_meta(b)
-    return ta is not None and tb is not None and ta.shape == tb.shape and ta.dtype == tb.dtype
+    if ta is None or tb is None or not has_static_shape(ta) or not has_static_shape(tb):
+        return False
+    return ta.shape == tb.shape and ta.dtype == tb.dtype
 
 
 def _find_stream(output: fx.Node, inputs: list[fx.Node], members: set[fx.Node]) -> int | None:
@@ -133,8 +146,14 @@ def build_region(name: str, key: str, module_type: str, nodes: list[fx.Node], or
         region.reason = "nothing outside it reads its result"
         return region
     for idx, out in enumerate(region.outputs):
+        if isinstance(out.meta.get("val"), torch.SymInt):  # a size computed from a data-dependent one
+            region.reason = DATA_DEPENDENT_SHAPE
+            return region
         if tensor_meta(out) is None:
             region.reason = f"output '{out.name}' is not a single tensor"
+            return region
+        if not has_static_shape(tensor_meta(out)):
+            region.reason = DATA_DEPENDENT_SHAPE
             return region
         stream = _find_stream(out, region.inputs, members)
         if stream is not None:
