@@ -9,7 +9,7 @@ mode's (the goal: within 10%). The first call of a fresh compile (the capture) i
 each mode too.
 
     python benchmarks/capture_modes.py [--models dit-s diffusers-dit-s] [--policy "FORA(interval=2)"] \
-        [--steps 10] [--repeats 15] [--out capture_modes.json]
+        [--steps 10] [--repeats 15] [--threads 2] [--out capture_modes.json]
 """
 
 from __future__ import annotations
@@ -78,8 +78,11 @@ def main() -> None:
     parser.add_argument("--policy", default="FORA(interval=2)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None)
     options = parser.parse_args()
+    if options.threads:
+        torch.set_num_threads(options.threads)
     torch.manual_seed(0)
     rows = [measure(name, options.policy, options.steps, options.repeats) for name in options.models]
     for row in rows:

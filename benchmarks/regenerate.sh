@@ -13,6 +13,7 @@ python benchmarks/goal_check.py --samples 50 --repeats 7 --threads "$THREADS" --
 python benchmarks/adacorrection_study.py --samples 20 --repeats 3 --threads "$THREADS" --out "$OUT/adacorrection"
 python benchmarks/core_speed.py --config small --steps 50 --repeats 5 --threads "$THREADS" --out "$OUT/core_speed.json"
 python benchmarks/guard_cost.py --repeats 15 --threads "$THREADS" --out "$OUT/guard_cost.json"
+python benchmarks/capture_modes.py --steps 10 --repeats 15 --threads "$THREADS" --out "$OUT/capture_modes.json"
 python benchmarks/backends_speed.py --models reference dit-s --steps 50 --repeats 3 --threads "$THREADS" --out "$OUT/backends_speed.json"
 python benchmarks/offset_score_study.py --samples 20 --out "$OUT/offset_study.json"
 python benchmarks/overhead.py --models diffusers-dit-s --steps 20 --repeats 3 --threads "$THREADS" --out "$OUT/overhead.json"

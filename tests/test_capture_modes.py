@@ -280,3 +280,62 @@ def test_recording_holds_no_block_output():
     assert len(outputs) == 4 and all(ref() is None for ref in outputs)
     assert [run.describe() for run in recording.runs] == ["transformer_blocks.0..transformer_blocks.3"]
     assert [len(example) for example in recording.examples] == [2]
+
+
+class WritesItsOwnBuffer(Packing):
+    """Replaces a buffer at every call from its input, then reads it, as OmniGen's rotary
+    embedding does with ``inv_freq``."""
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kept = int(mask.sum(1).max())
+        self.register_buffer("scale", torch.full((1,), float(kept)), persistent=False)
+        h = self.proj_in(x[:, :kept])
+        c = self.temb(timestep[:, None] / 1000)
+        for block in self.transformer_blocks:
+            h = block(h, c)
+        return self.proj_out(h) * self.scale
+
+
+def test_two_threads_in_blocks_mode_each_read_their_own_writes():
+    """Thread A writes its buffer and is held before reading it while thread B writes another
+    value: each thread's code runs on its own copy of the model, so A reads its own value."""
+    import threading
+
+    a_waiting, b_done, holding = threading.Event(), threading.Event(), threading.local()
+
+    def hold_a(module, args):
+        if getattr(holding, "a", False):
+            a_waiting.set()
+            assert b_done.wait(10)
+        elif getattr(holding, "b", False):
+            b_done.set()
+
+    model = _seeded(WritesItsOwnBuffer())
+    model.proj_out.register_forward_pre_hook(hold_a)  # before compiling: a new hook is a changed model
+    compiled = adacache.compile(model, adacache.FORA(interval=2), capture="blocks")
+    masks = {"a": packing_inputs(kept=6), "b": packing_inputs(kept=3)}
+    t = torch.tensor(900.0)
+    with torch.no_grad():
+        expected = {k: model(**inputs(t)) for k, inputs in masks.items()}
+        for inputs in masks.values():  # capture both shapes of the run before the threads start
+            new_request(compiled)
+            compiled(**inputs(t))
+    got: dict[str, object] = {}
+
+    def request(name: str) -> None:
+        setattr(holding, name, True)
+        if name == "b":
+            assert a_waiting.wait(10)
+        try:
+            with torch.no_grad():
+                new_request(compiled)
+                got[name] = compiled(**masks[name](t))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            got[name] = exc
+
+    threads = [threading.Thread(target=request, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert all(isinstance(got[k], torch.Tensor) and torch.equal(got[k], expected[k]) for k in masks), got

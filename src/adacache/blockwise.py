@@ -116,7 +116,7 @@ def compile_blockwise(
             run.prefix = f"run{r}_"
     flat_inputs, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     layout = _joined_layout(runs, len(flat_inputs), recording.num_outputs)
-    graph = BlockRunsGraph(model, routed_copy(model, names), runs, in_spec, recording.out_spec, layout, policy, backend)
+    graph = BlockRunsGraph(model, names, runs, in_spec, recording.out_spec, layout, policy, backend)
     captured = CapturedGraph(None, in_spec, recording.out_spec, signature_of(args, kwargs))  # type: ignore[arg-type]
     found = [block for run in cached for block in run.first.compiled.blocks]
     return CompiledGraph(captured, None, graph, layout, found, None, backend, runs=runs)  # type: ignore[arg-type]
@@ -188,14 +188,16 @@ class BlockRunsGraph:
     """A compiled model in blocks mode, called as a rewritten graph is:
     ``(*user inputs, *controls, *states) -> (*user outputs, *states, *signals)``.
 
-    Each call runs the model's own ``forward`` on a routed copy (same weights); its block
-    calls come to a :class:`_CallRouter`, which runs each run's graph at the run's first
-    call and hands the model stand-ins for the outputs in the middle of the run.
+    Each call runs the model's own ``forward`` on a routed copy (same weights; one per thread,
+    since the model's code may write to its modules while it runs); its block calls come to a
+    :class:`_CallRouter`, which runs each run's graph at the run's first call and hands the
+    model stand-ins for the outputs in the middle of the run.
     """
 
-    def __init__(self, model: nn.Module, routed: nn.Module, runs: list[BlockRun], in_spec: pytree.TreeSpec,
+    def __init__(self, model: nn.Module, names: list[str], runs: list[BlockRun], in_spec: pytree.TreeSpec,
                  out_spec: pytree.TreeSpec, layout: CacheLayout, policy: Policy, backend: str) -> None:
-        self.model, self.routed, self.runs = model, routed, runs
+        self.model, self.names, self.runs = model, names, runs
+        self._copies = threading.local()
         self.in_spec, self.out_spec, self.layout = in_spec, out_spec, layout
         self.policy, self.backend = policy, backend
         #: (run, call within the run) of every block call, in the order the model makes them.
@@ -207,12 +209,19 @@ class BlockRunsGraph:
         args, kwargs = pytree.tree_unflatten(list(flat[:n_in]), self.in_spec)
         router = _CallRouter(self, list(flat[n_in : n_in + n_controls]), list(flat[n_in + n_controls :]))
         with routing(router):
-            result = self.routed(*args, **kwargs)
+            result = self.routed()(*args, **kwargs)
         router.finish()
         leaves, spec = pytree.tree_flatten(result)
         if spec != self.out_spec:
             raise CaptureError(f"{type(self.model).__name__} returned {spec} where the recorded call returned {self.out_spec}")
         return (*leaves, *router.states, *router.signals)
+
+    def routed(self) -> nn.Module:
+        """This thread's routed copy of the model (made at its first call, about a millisecond)."""
+        copy = getattr(self._copies, "model", None)
+        if copy is None:
+            copy = self._copies.model = routed_copy(self.model, self.names)
+        return copy
 
     def graph_for(self, run: BlockRun, externals: list[torch.Tensor]) -> RunGraph:
         """The run's graph for these outside tensors, captured now if their shapes are new."""
