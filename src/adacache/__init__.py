@@ -30,6 +30,7 @@ _EXPORTS = {
     "summary": "adacache.api",
     "export": "adacache.api",
     "load": "adacache.deploy",
+    "check_artifact": "adacache.deploy",
     "AdaCacheError": "adacache.errors",
     "CaptureError": "adacache.errors",
     "NotEligibleError": "adacache.errors",

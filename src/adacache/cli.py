@@ -1,4 +1,4 @@
-"""The ``adacache`` command line: ``adacache export``, ``adacache explain``, ``adacache bench``."""
+"""The ``adacache`` command line: ``adacache export``, ``adacache check``, ``adacache explain``, ``adacache bench``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from adacache.deploy import check_artifact
+
+    print(f"ok: {check_artifact(args.artifact, provider=args.provider)}")
+    return 0
+
+
+def _check_check(args: argparse.Namespace) -> str | None:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "checking an artifact needs onnxruntime: pip install 'adacache[onnx]'"
+    return None
+
+
 def _explain(args: argparse.Namespace) -> int:
     import adacache
     from adacache.policies.parse import parse_policy
@@ -57,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--batch", type=int_in(1, MAX_BATCH), default=2, help="batch size the artifact serves (2 = one CFG pair)")
     exp.add_argument("--out", type=output_folder, required=True)
     exp.set_defaults(func=_export, check=_check_export, parser=exp)
+
+    chk = sub.add_parser("check", help="rerun the calls an export checked, with this machine's ONNX Runtime (exit 1 if they differ)")
+    chk.add_argument("artifact", help="the artifact folder adacache export wrote")
+    chk.add_argument("--provider", choices=("cpu", "cuda", "tensorrt", "auto"), default="cpu")
+    chk.set_defaults(func=_check, check=_check_check, parser=chk, failure_status=1)
 
     ex = sub.add_parser("explain", help="print the blocks, cache sites and graph diff for a model and policy")
     ex.add_argument("--model", choices=MODELS, default="reference")
@@ -84,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, (AdaCacheError, ValueError)):
             print(f"adacache: error: {exc}", file=sys.stderr)
-            return 2
+            return getattr(args, "failure_status", 2)
         raise
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..capture.isolation import isolated_export
+from ..deploy.check import CHECK_FILE, write_check_file
 from ..deploy.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from ..errors import ExportError
 from ..runtime.module import Runtime
@@ -110,6 +111,7 @@ def export_onnx(
     model_file = "model.onnx"
     _write_onnx(cached, program, feeds, out_dir / model_file, opset, optimize)
     verification: dict[str, Any] = {"verified": False, "optimized": optimize}
+    (out_dir / CHECK_FILE).unlink(missing_ok=True)  # an earlier export's calls do not check this file
     if verify:
         verification = _verified(cached, program, feeds, out_dir / model_file, opset, optimize, keep_failed)
     manifest = _manifest(cached, program, feeds, schedules, model_file, verification)
@@ -165,15 +167,19 @@ def _example_controls(layout: Any, device: torch.device) -> list[torch.Tensor]:
 
 def _verified(cached: Runtime, program: Program, feeds: Feeds, path: Path, opset: int | None, optimize: bool,
               keep_failed: bool) -> dict[str, Any]:
-    """What the manifest records of the check; an ExportError where the artifact is wrong."""
-    problem = verify_onnx(path, program, feeds)
+    """What the manifest records of the check (the checked calls are kept beside the model for
+    ``adacache check``); an ExportError where the artifact is wrong."""
+    calls: list[Any] = []
+    problem = verify_onnx(path, program, feeds, calls)
     if problem is None:
-        return {"verified": True, "optimized": optimize}
+        return {"verified": True, "optimized": optimize, "check_file": write_check_file(path.parent, calls)}
     if optimize:
         # onnxscript's optimizer can change numbers (it folds `x + 1e-15` into `x`): without it.
         _write_onnx(cached, program, feeds, path, opset, optimize=False)
-        if verify_onnx(path, program, feeds) is None:
-            return {"verified": True, "optimized": False, "optimizer_changed": problem}
+        calls = []
+        if verify_onnx(path, program, feeds, calls) is None:
+            return {"verified": True, "optimized": False, "optimizer_changed": problem,
+                    "check_file": write_check_file(path.parent, calls)}
     if not keep_failed:
         path.unlink(missing_ok=True)
     raise ExportError(

@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-#: Allowed difference: ``|onnx - torch| <= ATOL + RTOL * max|torch|`` per output.
-ATOL, RTOL = 1e-4, 1e-4
+from ..deploy.check import ATOL, RTOL, difference  # noqa: F401 - one tolerance for export and ``adacache check``
 
 #: The three calls: (what it exercises, whether reuse is allowed).
 CALLS = (("computing, empty caches", False), ("reusing", True), ("computing, warm caches", False))
@@ -40,10 +39,11 @@ class Feeds:
     output_names: list[str]
 
 
-def verify_onnx(model_file: Path, program: Any, feeds: Feeds) -> str | None:
+def verify_onnx(model_file: Path, program: Any, feeds: Feeds, record: list[Any] | None = None) -> str | None:
     """None when ONNX Runtime computes what ``program.portable`` computes on three calls
     (see the module docstring); otherwise what differs, in a sentence. The reference is the
-    portable graph (torch.cond as it is exported), run eagerly."""
+    portable graph (torch.cond as it is exported), run eagerly. ``record`` receives each
+    call's inputs and the reference's outputs, by graph name (``adacache check`` reruns them)."""
     import onnxruntime as ort
 
     try:
@@ -60,12 +60,14 @@ def verify_onnx(model_file: Path, program: Any, feeds: Feeds) -> str | None:
         with torch.no_grad():
             expected = [_array(t) for t in program.portable(*feeds.all_leaves, *controls, *states)]
         arrays = [_array(t) for t in (*feeds.user, *controls, *states)]
+        if record is not None:
+            record.append((dict(zip(feeds.input_names, arrays)), dict(zip(feeds.output_names, expected))))
         try:
             got = session.run(feeds.output_names, dict(zip(feeds.input_names, arrays)))
         except Exception as exc:  # noqa: BLE001 - a run failure is the finding
             return f"ONNX Runtime fails on the {what} call: {exc}"
         for name, want, have in zip(feeds.output_names, expected, got):
-            problem = _difference(want, np.asarray(have))
+            problem = difference(want, np.asarray(have), ATOL, RTOL)
             if problem:
                 return f"output {name!r} of the {what} call differs from the compiled model's: {problem}"
         n_user = layout.num_user_outputs
@@ -90,20 +92,3 @@ def _controls(layout: Any, allowed: bool, device: torch.device) -> list[torch.Te
 
 def _array(value: Any) -> np.ndarray:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-
-
-def _difference(want: np.ndarray, have: np.ndarray) -> str | None:
-    if want.shape != have.shape:
-        return f"shape {list(have.shape)} instead of {list(want.shape)}"
-    if want.dtype == np.bool_ or have.dtype == np.bool_:
-        return None if np.array_equal(want.astype(bool), have.astype(bool)) else f"{have.tolist()} instead of {want.tolist()}"
-    want64, have64 = want.astype(np.float64), have.astype(np.float64)
-    finite = np.isfinite(want64)
-    if not np.array_equal(finite, np.isfinite(have64)):
-        bad = int((np.isfinite(have64) != finite).sum())
-        return f"{bad} value(s) non-finite in one and finite in the other (NaN: {int(np.isnan(have64).sum())} in ONNX)"
-    if not finite.any():
-        return None
-    scale = float(np.abs(want64[finite]).max())
-    error = float(np.abs(want64[finite] - have64[finite]).max())
-    return None if error <= ATOL + RTOL * scale else f"max |difference| {error:.3g} (values up to {scale:.3g})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .check import CheckReport, check_artifact
 from .manifest import read_manifest
 
 
@@ -30,4 +31,4 @@ def load(directory: str | Path, provider: str = "auto", session_options: Any = N
     return OnnxEngine(directory, provider=provider, session_options=session_options)
 
 
-__all__ = ["load", "read_manifest"]
+__all__ = ["CheckReport", "check_artifact", "load", "read_manifest"]

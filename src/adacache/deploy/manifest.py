@@ -86,7 +86,9 @@ def check_manifest(manifest: Any, directory: str | Path) -> None:
         raise ArtifactError(f"{where} is not a valid manifest ({_REEXPORT}):\n  {listed}")
     for field in ("model_file", "onnx_file"):
         if field in manifest:
-            _check_file_inside(root, where, field, manifest[field])
+            check_file_inside(root, where, field, manifest[field])
+    if "check_file" in manifest.get("verification", {}):
+        check_file_inside(root, where, "verification.check_file", manifest["verification"]["check_file"])
 
 
 def _field(path: Any) -> str:
@@ -198,7 +200,8 @@ def _non_finite_numbers(node: Any, path: tuple[Any, ...] = ()) -> Iterator[str]:
             yield from _non_finite_numbers(value, (*path, i))
 
 
-def _check_file_inside(root: Path, where: Path, field: str, name: str) -> None:
+def check_file_inside(root: Path, where: Path, field: str, name: str) -> None:
+    """Refuse a file name that leaves the artifact folder or names a missing file."""
     target = root / name
     # Resolved (links followed) before the check: an artifact only ever names its own files,
     # so a manifest pointing elsewhere (``..``, an absolute path, a link out) is refused.
