@@ -410,3 +410,28 @@ def test_a_file_onnx_runtime_cannot_load_is_an_artifact_error(fora_artifact, tmp
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(copy / "model.onnx"))
     with pytest.raises(adacache.ArtifactError, match="ONNX Runtime cannot load .*re-export it"):
         adacache.load(copy, provider="cpu")
+
+
+class _ComplexRotary(torch.nn.Module):
+    """Rotates features with complex multiplication, as QwenImage's rotary embedding does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+        angles = torch.arange(4.0)[:, None] * torch.arange(1.0, 5.0)[None] / 4
+        self.register_buffer("freqs", torch.polar(torch.ones_like(angles), angles))  # complex64 [tokens, pairs]
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            rotated = torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], 4, 2)) * self.freqs).flatten(-2)
+            x = x + block(rotated) * (timestep[:, None, None] / 1000)
+        return x
+
+
+def test_a_model_computing_with_complex_tensors_is_refused_naming_the_line(tmp_path):
+    model = _ComplexRotary().eval()
+    inputs = ((), dict(x=torch.randn(2, 4, 8), timestep=torch.full((2,), 500.0)))
+    with pytest.raises(adacache.ExportError, match="computes with complex tensors") as info:
+        adacache.export(adacache.compile(model, adacache.FORA(interval=2)), tmp_path / "a", example_inputs=inputs)
+    assert "torch.view_as_complex" in str(info.value) and "inductor" in str(info.value)
+    assert not (tmp_path / "a" / "model.onnx").exists()

@@ -54,6 +54,25 @@ class _FlatTensorsOnly(nn.Module):
         return tuple(self.gm(*full, *tensors[n_user:]))
 
 
+def _refuse_complex_values(cached: Runtime, program: Program, backend: str) -> None:
+    """ONNX has no complex tensors, and torch.onnx converts only some complex operators: a
+    model that computes with them (QwenImage's and Lumina2's rotary embeddings, ``torch.polar``
+    and ``view_as_complex``) is refused before the exporter fails deep inside, naming the first
+    operator that makes a complex value and the model's line."""
+    for gm in (program.portable, *(m for m in program.portable.modules() if isinstance(m, fx.GraphModule))):
+        for node in gm.graph.nodes:
+            value = node.meta.get("val")
+            if node.op == "call_function" and isinstance(value, torch.Tensor) and value.is_complex():
+                line = (node.meta.get("stack_trace") or "").strip().splitlines()
+                where = f"\n  {line[-2].strip()}\n    {line[-1].strip()}" if len(line) >= 2 else ""
+                raise ExportError(
+                    f"{type(cached.model).__name__} computes with complex tensors ({value.dtype}, first made by {node.target}), "
+                    f"which {backend} has no type for and torch.onnx converts only in part{where}\n"
+                    "Serve it with the PyTorch runtime (eager or backend='inductor'), or write its rotation in real "
+                    "arithmetic (cos / sin pairs, as Flux does) to export it"
+                )
+
+
 def check_exportable(cached: Runtime, program: Program, backend: str) -> dict[str, dict[str, Any]]:
     """The schedule spec of every cached site, or an ExportError saying what cannot be exported."""
     policy = cached.policy
@@ -64,6 +83,7 @@ def check_exportable(cached: Runtime, program: Program, backend: str) -> dict[st
             "blocks. adacache.compile(..., capture='graph') names the line that stops whole-model capture; serve this "
             "model with the PyTorch runtime (eager or backend='inductor')"
         )
+    _refuse_complex_values(cached, program, backend)
     if backend not in policy.backends:
         raise ExportError(
             f"{type(policy).__name__} cannot be exported to {backend}: its decisions need the PyTorch runtime "
