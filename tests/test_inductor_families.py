@@ -14,10 +14,7 @@ POLICIES = {"FORA": lambda: adacache.FORA(interval=2), "TaylorSeer": lambda: ada
 
 
 #: Known failures, each with what it does (strict: a fix shows up as an unexpected pass).
-KNOWN = {
-    "wan": "Dynamo stops on 'Attempt to trace generator' while compiling Wan's captured graph; not yet "
-           "diagnosed (issue 20: torch.compile across families)",
-}
+KNOWN: dict[str, str] = {}
 
 
 def _families() -> list:

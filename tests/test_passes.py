@@ -382,3 +382,24 @@ def test_a_site_reads_attributes_export_placed_inside_its_block():
     feeds = inputs(torch.tensor(500.0))
     with torch.no_grad():
         assert torch.equal(gm(*captured.flatten_inputs((), feeds))[0], model(**feeds))
+
+
+def test_inductor_lowering_pins_only_the_cond_operands_and_leaves_the_portable_graph_alone():
+    from adacache.compiler import compile_graph
+    from adacache.passes.lower import pin_cond_operands
+
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    graph = compile_graph(model, adacache.FORA(interval=2), (), inputs(torch.tensor(500.0)))
+    before = [n.format_node() for n in graph.portable.graph.nodes]
+    pinned = pin_cond_operands(copy_graph_module(graph.portable))
+    assert [n.format_node() for n in graph.portable.graph.nodes] == before, "the portable graph keeps its contiguous()"
+    (cond,) = [n for n in pinned.graph.nodes if n.target is torch.ops.higher_order.cond]
+    site_inputs = cond.args[3][: sum(1 for n in cond.args[3] if n.op != "placeholder" and n.op != "get_attr")]
+    assert site_inputs and all(n.target is torch.ops.adacache.dense_copy.default for n in site_inputs)
+    assert not any(n.op == "call_method" and n.target == "contiguous" and cond in n.users for n in pinned.graph.nodes)
+    flat = graph.captured.flatten_inputs((), inputs(torch.tensor(500.0)))
+    controls = [torch.tensor(False)] * len(graph.layout.controls)
+    states = [torch.zeros(s.shape, dtype=s.dtype) for s in graph.layout.states]
+    with torch.no_grad():
+        for want, got in zip(graph.portable(*flat, *controls, *states), pinned(*flat, *controls, *states)):
+            assert torch.equal(want, got)

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from .capture import CapturedGraph, capture
 from .passes import CacheLayout, Region, drop_noop_squeezes, find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites, require_finite_inputs
-from .passes.lower import bind_operators, drop_state_copies, hoist_attributes
+from .passes.lower import bind_operators, drop_state_copies, hoist_attributes, pin_cond_operands
 from .policies.base import Policy
 
 #: The backends :func:`lower` knows; deployment formats go through ``adacache.export``.
@@ -95,7 +95,7 @@ def lower(gm: fx.GraphModule, backend: str) -> Any:
     check_backend(backend)
     if backend == "eager":
         return hoist_attributes(bind_operators(drop_state_copies(lower_cond_to_python(copy_graph_module(gm)))))
-    return torch.compile(gm, backend="inductor", dynamic=False, fullgraph=True)
+    return torch.compile(pin_cond_operands(copy_graph_module(gm)), backend="inductor", dynamic=False, fullgraph=True)
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -115,6 +115,42 @@ def bind_operators(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+@torch.library.custom_op("adacache::dense_copy", mutates_args=())
+def dense_copy(value: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy that Inductor cannot see through (see :func:`pin_cond_operands`)."""
+    return value.clone(memory_format=torch.contiguous_format)
+
+
+@dense_copy.register_fake
+def _dense_copy_fake(value: torch.Tensor) -> torch.Tensor:
+    return torch.empty(value.shape, dtype=value.dtype, device=value.device)
+
+
+def pin_cond_operands(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make the operands of every cond dense copies with a fixed layout (for Inductor only).
+
+    Inductor compiles each cond branch for the strides its operands had when traced, and
+    asserts them at run time; but where an operand is an intermediate it may give that buffer
+    another layout, and ``contiguous()`` of a value that was contiguous when traced is no
+    copy that could restore it. On Wan the transposed patch embedding reached a branch that way
+    ("expected stride 16==1", which Dynamo then reports as "Attempt to trace generator"). A
+    custom operator is opaque to Inductor: its output has exactly the layout its fake kernel
+    declares. The copy costs one pass over each operand per step; eager and exported graphs
+    keep their ``contiguous()``. ``gm``'s own graph is rewritten.
+    """
+    for node in list(gm.graph.nodes):
+        feeds_cond = any(user.op == "call_function" and user.target is torch.ops.higher_order.cond for user in node.users)
+        if node.op == "call_method" and node.target == "contiguous" and feeds_cond:
+            with gm.graph.inserting_before(node):
+                copy_node = gm.graph.call_function(torch.ops.adacache.dense_copy.default, (node.args[0],))
+            copy_node.meta = dict(node.meta)
+            node.replace_all_uses_with(copy_node)
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def hoist_attributes(gm: fx.GraphModule) -> fx.GraphModule:
     """Make every ``get_attr`` of the top-level graph a plain instance attribute.
 
