@@ -22,12 +22,18 @@ def test_offset_terms_match_equations_1_and_2(batch, tokens, dim, seed, scale):
     cached = torch.randn(batch, tokens, dim, generator=gen, dtype=torch.float64) * scale
     x = cached + torch.randn(batch, tokens, dim, generator=gen, dtype=torch.float64) * scale * 0.3
     temporal, spatial = ops.adacorrection_terms(x, cached)
+    # The op computes in float32, the channel variance from the first two moments
+    # (E[x^2] - E[x]^2): where a token's channels are nearly equal, the difference loses a few
+    # float32 ulps of E[x^2], so its square root, the standard deviation, may be off by up to
+    # sqrt(8 eps E[x^2]) per token however small the spread. That is the bound, beside 1e-4.
+    eps = float(np.finfo(np.float32).eps)
     for b in range(batch):
         norm = np.mean([np.linalg.norm(cached[b, i].numpy()) for i in range(tokens)])
         eq1 = np.mean([np.linalg.norm((x[b, i] - cached[b, i]).numpy()) for i in range(tokens)])
         eq2 = np.mean([np.std(x[b, i].numpy()) for i in range(tokens)])
+        moments = np.mean([np.sqrt(8 * eps * np.mean(x[b, i].numpy() ** 2)) for i in range(tokens)]) / norm
         assert temporal[b].item() == pytest.approx(eq1 / norm, rel=1e-4)
-        assert spatial[b].item() == pytest.approx(eq2 / norm, rel=1e-4)
+        assert abs(spatial[b].item() - eq2 / norm) <= 1e-4 * eq2 / norm + moments
     score = ops.adacorrection_score(x, cached, 0.5)
     assert torch.allclose(score, temporal + 0.5 * spatial)
     # Scale-free: the same relative change scores the same at any magnitude.
