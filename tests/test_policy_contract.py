@@ -130,3 +130,22 @@ def test_exports_where_it_says_it_can(name, family, tmp_path):
     rows = adacache.summary(compiled).per_step
     per_site = {site: sum(bool(row["reused"][site]) for row in rows) for site in rows[0]["reused"]}
     assert {site: n for site, n in engine.reused.items() if n} == {site: n for site, n in per_site.items() if n}
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_blocks_mode_decides_and_computes_as_the_whole_graph(name):
+    """capture="blocks" (issue 14) on a model whose blocks form one run: the policy plans
+    the same sites, makes the same decisions at every step and computes the same outputs as
+    with whole-graph capture (replays, forecasts, gates and offset scores included)."""
+    graph, _, inputs, policy = _compiled(name, "tiny_dit")
+    blocks = adacache.compile(adacache.uncompile(graph), policy, capture="blocks")
+    outputs, reuse = {}, {}
+    with torch.no_grad():
+        for mode, compiled in (("graph", graph), ("blocks", blocks)):
+            compiled.adacache.new_request(total_steps=len(TIMESTEPS))
+            outputs[mode] = [output_tensor(compiled(**inputs(t))) for t in TIMESTEPS]
+            reuse[mode] = [any(row["reused"].values()) for row in adacache.summary(compiled).per_step]
+    assert blocks.adacache.programs[0].mode == "blocks"
+    assert reuse["blocks"] == reuse["graph"]
+    for step, (a, b) in enumerate(zip(outputs["blocks"], outputs["graph"])):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), f"step {step}: {float((a - b).abs().max())}"
