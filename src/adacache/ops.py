@@ -225,6 +225,38 @@ def teacache_gate(probe: Tensor, previous: Tensor, accumulated: Tensor, coeffici
     return torch.isfinite(total) & (total < threshold), total, rescaled
 
 
+def _norm(values: list[Tensor]) -> Tensor:
+    """The L2 norm of several tensors taken together (one site's streams), in float32."""
+    return torch.stack([torch.linalg.vector_norm(v.to(torch.float32)) for v in values]).square().sum().sqrt()
+
+
+def _change(values: list[Tensor], previous: list[Tensor]) -> Tensor:
+    return _norm([v - p for v, p in zip(values, previous)])
+
+
+def transformation_drift(xs: list[Tensor], previous_xs: list[Tensor], previous_vs: list[Tensor], rate: Tensor,
+                         accumulated: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """EasyCache's gate for one step (survey Eq. 33): the drift ``rate * |x - x_prev| /
+    |v_prev|`` added to the running sum, ``x`` and ``v`` a site's input and output streams.
+    Returns ``(passes, accumulated + drift)``; ``passes`` says the sum is finite and below
+    ``threshold`` (an unknown rate, infinite, never passes)."""
+    drift = rate * _change(xs, previous_xs) / _norm(previous_vs).clamp_min(_EPS)
+    total = accumulated + drift
+    return torch.isfinite(total) & (total < threshold), total
+
+
+def transformation_rate(vs: list[Tensor], previous_vs: list[Tensor], xs: list[Tensor], previous_xs: list[Tensor],
+                        known: Tensor) -> Tensor:
+    """EasyCache's relative transformation rate ``|v - v_prev| / |x - x_prev|`` (survey Eq. 31);
+    infinite where the previous step is not ``known``, or the input did not move (by more than
+    1e-5 of its norm: below that the quotient is float rounding over rounding), so that the
+    next step computes and measures it."""
+    moved = _change(xs, previous_xs)
+    rate = _change(vs, previous_vs) / moved
+    defined = known & (moved > 1e-5 * _norm(xs)) & torch.isfinite(rate)
+    return torch.where(defined, rate, torch.full_like(rate, float("inf")))
+
+
 def keep_if(keep: Tensor, value: Tensor) -> Tensor:
     """``value`` where the 0-d bool ``keep`` holds, else zeros (TeaCache resets its sum on a full step)."""
     return torch.where(keep, value, torch.zeros_like(value))

@@ -15,7 +15,8 @@ A policy plans *sites* (:class:`SitePlan`) and says, for each, only in these ter
   schedule control and the cache's validity that every cached site has: a probe site's score
   under a threshold (:class:`ProbeBelow`), an accumulated rescaled change of a node inside
   the site (:class:`AccumulatedChange`), another site's accumulated-change verdict
-  (:class:`FollowsGate`), and the offset score of the site's input (:class:`OffsetScore`,
+  (:class:`FollowsGate`), the drift predicted from the site's own transformation rate
+  (:class:`TransformationRate`), and the offset score of the site's input (:class:`OffsetScore`,
   which also keeps that input and may blend the fresh output with the cache).
 
 The state a site keeps between steps (:class:`StateSpec`) and the rewritten graph's calling
@@ -132,13 +133,24 @@ class FollowsGate:
 
 
 @dataclass(frozen=True)
+class TransformationRate:
+    """Reuse while the predicted drift since the last full step stays below ``threshold``:
+    at each step ``k * |x_n - x_(n-1)| / |v_(n-1)|`` is added to a running sum, where ``x``
+    is the site's input stream, ``v`` its output, and ``k`` the rate ``|v_i - v_(i-1)| /
+    |x_i - x_(i-1)|`` measured at the last full step (``v`` as the site returned it, cached
+    or not). A full step restarts the sum."""
+
+    threshold: float
+
+
+@dataclass(frozen=True)
 class OffsetScore:
     """Score the site's input against the input of its last full step (:class:`OffsetRule`)."""
 
     rule: OffsetRule
 
 
-Term = Union[ProbeBelow, AccumulatedChange, FollowsGate, OffsetScore]
+Term = Union[ProbeBelow, AccumulatedChange, FollowsGate, TransformationRate, OffsetScore]
 
 
 # -- a site -------------------------------------------------------------------------------
@@ -204,7 +216,7 @@ class SitePlan:
     @property
     def threshold(self) -> float | None:
         """The threshold of the site's in-graph gate (probe score or accumulated change)."""
-        gate = self.term(ProbeBelow) or self.term(AccumulatedChange) or self.term(FollowsGate)
+        gate = self.term(ProbeBelow) or self.term(AccumulatedChange) or self.term(FollowsGate) or self.term(TransformationRate)
         return gate.threshold if gate else None
 
     @property

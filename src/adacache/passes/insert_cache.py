@@ -41,6 +41,7 @@ from .contract import (
     SignalSpec,
     SitePlan,
     StateSpec,
+    TransformationRate,
     graph_name,
 )
 from .hoist import hoist_probe
@@ -330,11 +331,24 @@ def _change_state(plan: SitePlan, term: AccumulatedChange, region: Region, input
             StateSpec(graph_name("cache", plan.name, "acc"), plan.name, (), torch.float32, role="accumulated")]
 
 
+def _rate_state(plan: SitePlan, term: TransformationRate, region: Region, inputs: list[fx.Node]) -> list[StateSpec]:
+    # Each stream's previous input and output, the rate of the last full step, the running sum.
+    specs = []
+    for output, stream in sorted(region.streams.items()):
+        x, v = tensor_meta(inputs[stream]), tensor_meta(region.outputs[output])
+        specs += [StateSpec(graph_name("cache", plan.name, f"x{output}"), plan.name, tuple(x.shape), x.dtype,
+                            role="previous_input", output=output),
+                  StateSpec(graph_name("cache", plan.name, f"v{output}"), plan.name, tuple(v.shape), v.dtype,
+                            role="previous_output", output=output)]
+    return [*specs, StateSpec(graph_name("cache", plan.name, "rate"), plan.name, (), torch.float32, role="rate"),
+            StateSpec(graph_name("cache", plan.name, "drift"), plan.name, (), torch.float32, role="accumulated")]
+
+
 #: The state each kind of term keeps, in the order the state inputs are laid out (after the
 #: rebuild's cache, before the validity flag).
-_TERM_STATE = {OffsetScore: _offset_state, AccumulatedChange: _change_state}
+_TERM_STATE = {OffsetScore: _offset_state, AccumulatedChange: _change_state, TransformationRate: _rate_state}
 #: The order in which terms join a predicate: the offset decision takes the others' verdict.
-_TERM_ORDER = (ProbeBelow, FollowsGate, AccumulatedChange, OffsetScore)
+_TERM_ORDER = (ProbeBelow, FollowsGate, AccumulatedChange, TransformationRate, OffsetScore)
 
 
 def _ordered(terms: tuple[Any, ...]) -> list[Any]:
@@ -414,6 +428,31 @@ def _lower_accumulated_change(rewrite: _Rewrite, site: _Site, term: AccumulatedC
     pred.after.append(keep_measure)
 
 
+def _lower_transformation_rate(rewrite: _Rewrite, site: _Site, term: TransformationRate, pred: _Predicate) -> None:
+    graph, name = rewrite.graph, site.plan.name
+    *streams, rate, accumulated = site.term_state[TransformationRate]
+    previous_xs, previous_vs = streams[0::2], streams[1::2]
+    outputs = sorted(site.region.streams)
+    xs = [site.inputs[site.region.streams[i]] for i in outputs]
+    gate_out = graph.call_function(ops.transformation_drift, (xs, previous_xs, previous_vs, rate, accumulated, term.threshold))
+    passes, total = (graph.call_function(operator.getitem, (gate_out, i)) for i in range(2))
+    pred.node = graph.call_function(operator.and_, (pred.node, passes))
+    rewrite.signal(total, name, "score")
+
+    def keep_rate(results: list[fx.Node], reuse: fx.Node) -> None:
+        # A full step measures the rate and restarts the sum; every step moves the previous
+        # input and output on (the output as the site returned it, rebuilt or computed).
+        with graph.inserting_before(results[-1].next):
+            vs = [results[i] for i in outputs]
+            fresh = graph.call_function(ops.transformation_rate, (vs, previous_vs, xs, previous_xs, site.valid))
+            rewrite.new_state[rate.name] = graph.call_function(ops.blend, (reuse, rate, fresh))
+            rewrite.new_state[accumulated.name] = graph.call_function(ops.keep_if, (reuse, total))
+            for previous, value in (*zip(previous_xs, xs), *zip(previous_vs, vs)):
+                rewrite.new_state[previous.name] = graph.call_method("clone", (value,), {"memory_format": torch.contiguous_format})
+
+    pred.after.append(keep_rate)
+
+
 def _lower_offset_score(rewrite: _Rewrite, site: _Site, term: OffsetScore, pred: _Predicate) -> None:
     graph, rule = rewrite.graph, term.rule
     stored, scale = site.term_state[OffsetScore]
@@ -429,6 +468,7 @@ _LOWER_TERM = {
     ProbeBelow: _lower_probe_below,
     FollowsGate: _lower_follows_gate,
     AccumulatedChange: _lower_accumulated_change,
+    TransformationRate: _lower_transformation_rate,
     OffsetScore: _lower_offset_score,
 }
 

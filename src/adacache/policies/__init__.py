@@ -19,6 +19,7 @@ POLICIES = {
     "TaylorSeer": "taylorseer",
     "TeaCache": "teacache",
     "MagCache": "magcache",
+    "EasyCache": "easycache",
     "AdaCorrection": "adacorrection",
     "ZCache": "zcache",
 }

@@ -37,6 +37,7 @@ from ..passes.contract import (  # noqa: F401 - the contract's words, re-exporte
     ReuseForm,
     Role,
     SitePlan,
+    TransformationRate,
     rebuild_for,
     span_label,
 )
