@@ -403,3 +403,23 @@ def test_inductor_lowering_pins_only_the_cond_operands_and_leaves_the_portable_g
     with torch.no_grad():
         for want, got in zip(graph.portable(*flat, *controls, *states), pinned(*flat, *controls, *states)):
             assert torch.equal(want, got)
+
+
+class _BooleanSelects(torch.nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (a.masked_fill(~c, False), a.masked_fill(c, True), torch.where(c, a, b), torch.where(c, a.float(), b.float()))
+
+
+def test_boolean_selects_are_spelled_with_logic_and_compute_the_same():
+    from adacache.passes import spell_boolean_selects
+
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.rand(4, 5, generator=gen) > 0.5 for _ in range(3))
+    gm = capture(_BooleanSelects(), (a, b, c)).graph_module
+    expected = gm(a, b, c)
+    spell_boolean_selects(gm)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.masked_fill.Scalar not in targets
+    assert targets.count(torch.ops.aten.where.self) == 1, "the select between floats stays a where"
+    for want, got in zip(expected, gm(a, b, c)):
+        assert torch.equal(want, got)

@@ -5,7 +5,8 @@ input signature; the runtime (:mod:`adacache.runtime.program`) calls it on a mod
 call with new shapes and keeps the result. Each step is one function with one job:
 
 1. :func:`~adacache.capture.capture` - ``torch.export`` of the model on these inputs, and
-   :func:`~adacache.passes.drop_noop_squeezes` - squeezes that remove nothing (which ONNX refuses);
+   :func:`~adacache.passes.drop_noop_squeezes` - squeezes that remove nothing (which ONNX refuses),
+   :func:`~adacache.passes.spell_boolean_selects` - boolean selects as logic (which ONNX Runtime cannot run);
 2. :func:`~adacache.passes.find_blocks` - annotate the transformer blocks;
 3. ``policy.plan`` - the policy describes its cache sites (:mod:`adacache.passes.contract`);
 4. :func:`~adacache.passes.outline_sites` - cut each site out into a child module;
@@ -25,7 +26,17 @@ import torch
 from torch import fx, nn
 
 from .capture import CapturedGraph, capture
-from .passes import CacheLayout, Region, drop_noop_squeezes, find_blocks, insert_cache_nodes, lower_cond_to_python, outline_sites, require_finite_inputs
+from .passes import (
+    CacheLayout,
+    Region,
+    drop_noop_squeezes,
+    find_blocks,
+    insert_cache_nodes,
+    lower_cond_to_python,
+    outline_sites,
+    require_finite_inputs,
+    spell_boolean_selects,
+)
 from .passes.lower import bind_operators, drop_state_copies, hoist_attributes, pin_cond_operands
 from .policies.base import Policy
 
@@ -74,7 +85,7 @@ def compile_graph(
 
 def rewrite(captured: CapturedGraph, model: nn.Module, policy: Policy, *, blocks: Any = None, backend: str = "eager") -> CompiledGraph:
     """Steps 2-6 on a captured graph of ``model`` (or of a run of its blocks)."""
-    gm = drop_noop_squeezes(captured.graph_module)
+    gm = spell_boolean_selects(drop_noop_squeezes(captured.graph_module))
     found = find_blocks(gm, model, blocks)
     original = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # after annotation: "before" shows the blocks found
     sites = policy.plan(found)

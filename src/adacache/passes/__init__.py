@@ -3,7 +3,8 @@
 Policies describe their cache sites in the words of :mod:`adacache.passes.contract`; the
 passes import no policy. Order, in the spirit of PT2E quantization (annotate -> insert -> lower):
 
-0. :func:`drop_noop_squeezes` replaces squeezes that remove nothing by their input.
+0. :func:`drop_noop_squeezes` replaces squeezes that remove nothing by their input, and
+   :func:`spell_boolean_selects` spells selections between booleans with logic operators.
 1. :func:`find_blocks` annotates the transformer blocks (``node.meta["adacache_region"]``).
 2. :func:`outline_sites` cuts each cache site (a block, a span of blocks, or an
    attention / feed-forward call) out into a child module.
@@ -21,6 +22,7 @@ from .insert_cache import insert_cache_nodes, outline_sites
 from .lower import branch, lower_cond_to_python
 from .outline import outline_region
 from .regions import Region
+from .bool_selects import spell_boolean_selects
 from .shape_noops import drop_noop_squeezes
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "StateSpec",
     "branch",
     "drop_noop_squeezes",
+    "spell_boolean_selects",
     "find_blocks",
     "insert_cache_nodes",
     "lower_cond_to_python",
