@@ -205,6 +205,29 @@ def test_blocks_whose_outputs_the_model_reads_are_a_run_each():
     assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
 
 
+class ReadsShapes(Packing):
+    """Reads the shape and dtype of each block output in its loop: metadata, not the value."""
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kept = int(mask.sum(1).max())
+        h = self.proj_in(x[:, :kept])
+        c = self.temb(timestep[:, None] / 1000)
+        for block in self.transformer_blocks:
+            h = block(h, c)
+            assert h.shape[1] == kept and h.dtype == torch.float32 and h.dim() == 3 and h.size(0) == 2
+        return self.proj_out(h)
+
+
+def test_reading_a_block_outputs_shape_does_not_end_its_run():
+    model = _seeded(ReadsShapes())
+    compiled = adacache.compile(model, adacache.FORA(interval=2), capture="blocks")
+    got = denoise(compiled, moving(packing_inputs()), steps=4)
+    (run,) = compiled.adacache.programs[0].runs
+    assert run.plan.describe() == "transformer_blocks.0..transformer_blocks.2"
+    assert reuse_map(compiled) == [False, True, False, True]
+    assert torch.equal(got[2], denoise(model, moving(packing_inputs()), steps=4)[2])
+
+
 class ReadsAMiddleOutputLater(Packing):
     """Reads a block output only at late steps: the recorded call did not, so the run spans it."""
 

@@ -293,7 +293,9 @@ class _CallRouter:
         for template, value in zip(call.leaves, leaves):
             if template.kind == "external":
                 known = self.externals[template.index]
-                if first and known is None and isinstance(value, torch.Tensor) and not isinstance(value, PendingOutput):
+                if not isinstance(value, torch.Tensor) or isinstance(value, PendingOutput):
+                    raise self._differs(f"block {name!r} was given {type(value).__name__} where the recorded call gave a tensor")
+                if first and known is None:
                     self.externals[template.index] = value
                 elif value is not known:
                     raise self._differs(f"block {name!r} was given another tensor than the other blocks of its run")

@@ -157,6 +157,15 @@ class _Made:
         return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
 
 
+def _read_name(func: Any) -> str | None:
+    """``size`` for ``x.size()``, ``shape`` for ``x.shape`` (a property read arrives as its
+    descriptor's ``__get__``)."""
+    name = getattr(func, "__name__", None)
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", None)
+    return name
+
+
 class _ReadTracker(TorchFunctionMode):
     """Notes which block outputs code outside the blocks reads, as ``(call, leaf)``."""
 
@@ -166,7 +175,7 @@ class _ReadTracker(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if not self.inside[0] and getattr(func, "__name__", None) not in _METADATA_READS:
+        if not self.inside[0] and _read_name(func) not in _METADATA_READS:
             for leaf in pytree.tree_leaves((args, kwargs)):
                 made = self.produced.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
                 if made is not None:
