@@ -60,9 +60,6 @@ class RunGraph:
     def states_fit(self, states: list[torch.Tensor]) -> bool:
         return all(t.shape == s.shape and t.dtype == s.dtype for t, s in zip(states, self.layout.states))
 
-    def initial_state(self, device: torch.device) -> list[torch.Tensor]:
-        return [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in self.layout.states]
-
 
 @dataclass
 class BlockRun:
@@ -310,7 +307,7 @@ class _CallRouter:
         graph = self.graph.graph_for(run, externals)
         states = self.states_in[r]
         if not graph.states_fit(states):  # a cache from another shape of this run is never reused
-            states = graph.initial_state(externals[0].device)
+            states = graph.layout.initial_state(externals[0].device)
         outputs = graph.runnable(*externals, *self.controls[r], *states)
         n_out, n_states = graph.layout.num_user_outputs, len(graph.layout.states)
         self.output = graph.captured.unflatten_outputs(list(outputs[:n_out]))
@@ -341,7 +338,7 @@ def _split(values: list[Any], sizes: list[int]) -> list[list[Any]]:
 
 def _split_controls(graph: BlockRunsGraph, controls: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Each run's controls: the shared forecast controls where it forecasts, then its flags."""
-    n_forecast = 2 if graph.layout.forecast_order else 0
+    n_forecast = sum(1 for c in graph.layout.controls if c.kind != "allow")  # the joined layout puts them first
     forecast, flags = controls[:n_forecast], controls[n_forecast:]
     per_run = _split(flags, [sum(1 for c in run.layout.controls if c.kind == "allow") for run in graph.runs])
     return [(forecast if run.layout.forecast_order else []) + own for run, own in zip(graph.runs, per_run)]

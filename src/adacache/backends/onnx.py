@@ -59,7 +59,7 @@ def _refuse_complex_values(cached: Runtime, program: Program, backend: str) -> N
     model that computes with them (QwenImage's and Lumina2's rotary embeddings, ``torch.polar``
     and ``view_as_complex``) is refused before the exporter fails deep inside, naming the first
     operator that makes a complex value and the model's line."""
-    for gm in (program.portable, *(m for m in program.portable.modules() if isinstance(m, fx.GraphModule))):
+    for gm in (m for m in program.portable.modules() if isinstance(m, fx.GraphModule)):  # the graph and its branches
         for node in gm.graph.nodes:
             value = node.meta.get("val")
             if node.op == "call_function" and isinstance(value, torch.Tensor) and value.is_complex():
@@ -219,7 +219,7 @@ def _manifest(cached: Runtime, program: Program, feeds: Feeds, schedules: dict[s
     user_tensors = feeds.user
     controls = _example_controls(layout, torch.device("cpu"))
     user_out_names = feeds.output_names[: layout.num_user_outputs]
-    state_out_names = [f"{s.name}__out" for s in layout.states]
+    state_out_names = feeds.output_names[layout.num_user_outputs : layout.num_user_outputs + len(layout.states)]
     timestep_input = next((n for n in user_names if n in cached.timestep_names), None)
     sites = {s.name: s for s in layout.sites}
     manifest = {

@@ -314,3 +314,7 @@ class CacheLayout:
     forecast_order: int = 0
     states: list[StateSpec] = field(default_factory=list)
     signals: list[SignalSpec] = field(default_factory=list)
+
+    def initial_state(self, device: torch.device) -> list[torch.Tensor]:
+        """Zero caches marked invalid: the first call over them computes everything."""
+        return [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in self.states]

@@ -35,7 +35,7 @@ class Program(CompiledGraph):
 
     def initial_state(self, device: torch.device) -> list[torch.Tensor]:
         """Zero caches marked invalid: the first step of a generation computes everything."""
-        return [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in self.layout.states]
+        return self.layout.initial_state(device)
 
     def site_flops(self) -> dict[str, int | None]:
         """FLOPs of one call of each site and of the whole model, counted once on fake tensors
