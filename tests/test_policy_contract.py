@@ -149,3 +149,54 @@ def test_blocks_mode_decides_and_computes_as_the_whole_graph(name):
     assert reuse["blocks"] == reuse["graph"]
     for step, (a, b) in enumerate(zip(outputs["blocks"], outputs["graph"])):
         assert torch.allclose(a, b, atol=1e-5, rtol=0), f"step {step}: {float((a - b).abs().max())}"
+
+
+def _decisions(model, inputs, engine=None) -> tuple[list[int], list[bool], list[torch.Tensor]]:
+    """Run the loop as a user's bare loop (no request announced) and return each call's
+    step, whether it reused anything, and its output; through ``engine`` when given."""
+    steps, reused, outputs = [], [], []
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            feeds = inputs(t)
+            if engine is None:
+                outputs.append(output_tensor(model(**feeds)))
+                record = model.adacache.current_session().stats.records[-1]
+                steps.append(record.step)
+                reused.append(any(bool(flag) for flag in record.reused.values()))
+            else:
+                before = sum(engine.reused.values())
+                outputs.append(torch.from_numpy(engine(**{k: v.numpy() for k, v in feeds.items()})["output_0"]))
+                steps.append(engine.tracker.step)
+                reused.append(sum(engine.reused.values()) > before)
+    return steps, reused, outputs
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_a_bare_loop_decides_as_an_explicit_request(name, tmp_path):
+    """Issue 31: a loop that announces no request restarts its caches at its first change of
+    timestep (the call before may have been another request) but keeps the step count, so
+    every call has the step an explicit request gives it. Where the host's schedule alone
+    decides (no in-graph score), the reuse pattern is the explicit request's at every step
+    but the restarted one, which computes; the exported engine does the same."""
+    compiled, model, inputs, policy = _compiled(name, "tiny_dit")
+    bare = adacache.compile(model, policy)
+    compiled.adacache.new_request()  # explicit, of unknown length like the bare loop
+    explicit_steps, explicit_reused, explicit_out = _decisions(compiled, inputs)
+    bare_steps, bare_reused, bare_out = _decisions(bare, inputs)
+    assert bare_steps == explicit_steps == list(range(len(TIMESTEPS)))
+    assert bare.adacache.current_session().stats.restarts == 1
+    assert not bare_reused[1], "the restarted step has empty caches: it computes"
+    assert torch.equal(bare_out[0], explicit_out[0])
+    scheduled = not any(spec.kind == "score" for spec in bare.adacache.programs[0].layout.signals)
+    if scheduled:
+        assert bare_reused[2:] == explicit_reused[2:], (bare_reused, explicit_reused)
+        assert bare_reused[0] == explicit_reused[0]
+    if "onnx" not in policy.backends:
+        return
+    pytest.importorskip("onnxruntime")
+    artifact = adacache.export(bare, tmp_path / "artifact", example_inputs=((), inputs(TIMESTEPS[0])))
+    engine = adacache.load(artifact, provider="cpu")
+    engine_steps, engine_reused, engine_out = _decisions(None, inputs, engine)
+    assert engine_steps == bare_steps and engine_reused == bare_reused
+    for step, (a, b) in enumerate(zip(engine_out, bare_out)):
+        assert torch.allclose(a, b, atol=1e-4, rtol=0), f"step {step}: {float((a - b).abs().max())}"

@@ -40,6 +40,23 @@ def test_inferred_request_restarts_at_its_first_change_of_timestep():
     assert events([999, 979, 959, 939]) == [NEW_REQUEST, RESTART, NEXT_STEP, NEXT_STEP]
 
 
+def test_a_restart_keeps_the_step_count():
+    # Issue 31: only the caches start again; the schedule keeps the place an explicit request
+    # would give each call, so a bare loop decides as an explicit request at every later step.
+    bare, explicit = StepTracker(), StepTracker()
+    explicit.begin_request()
+    positions = {"bare": [], "explicit": []}
+    for t in [999, 999, 979, 979, 959, 959]:
+        for name, tracker in (("bare", bare), ("explicit", explicit)):
+            tracker.advance(t)
+            positions[name].append((tracker.step, tracker.slot, tracker.fresh_from))
+    assert [p[:2] for p in positions["bare"]] == [p[:2] for p in positions["explicit"]] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [p[2] for p in positions["bare"]] == [0, 0, 1, 1, 1, 1], "the caches hold nothing from before step 1"
+    assert [p[2] for p in positions["explicit"]] == [0] * 6
+    bare.advance(999)  # a new request: its caches and its count start at 0
+    assert (bare.step, bare.fresh_from) == (0, 0)
+
+
 def test_reversal_starts_a_new_inferred_request_even_after_an_explicit_one():
     assert events([999, 979, 959, 999])[-1] == NEW_REQUEST
     # The caller who marked the first request may not mark the next: what follows is inferred.
@@ -159,7 +176,9 @@ def test_bare_loop_computes_its_first_two_steps_and_then_caches():
     _run(cached, at, SCHEDULE)
     sess = cached.adacache.current_session()
     reused = [bool(next(iter(r.reused.values()))) for r in sess.stats.records]
-    assert reused == [False, False, True, False, True, False]
+    # Step 1 computes (its caches were restarted), then the explicit request's schedule: reuse at odd steps.
+    assert reused == [False, False, False, True, False, True]
+    assert [r.step for r in sess.stats.records] == list(range(len(SCHEDULE)))
     assert sess.stats.restarts == 1 and adacache.summary(cached).restarts == 1
     assert "restarted 1" in str(adacache.summary(cached))
     cached.adacache.new_request()
@@ -284,7 +303,7 @@ def test_rising_timesteps_reuse_like_falling_ones(explicit):
     rising = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25]
     _run(cached, at, rising, explicit=explicit)
     stats = cached.adacache.current_session().stats
-    assert stats.generations == 1 and [r.step for r in stats.records][-1] == (5 if explicit else 4)
+    assert stats.generations == 1 and [r.step for r in stats.records] == list(range(6)), "a restart keeps the step count"
     assert any(bool(flag) for r in stats.records for flag in r.reused.values())
 
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import adacache
-from adacache.stepping import allow_reuse, forecast_controls
+from adacache.stepping import allow_reuse, computed_steps, forecast_controls
 from families import FAMILIES
 from helpers import assert_onnx_matches_eager, denoise
 from test_runtime import TIMESTEPS, _embed, _final
@@ -34,13 +34,16 @@ def test_forecast_coefficients_follow_the_taylor_formula(order, interval, warmup
             assert update[i] == pytest.approx(expected)
 
 
-def reference_taylorseer(model, inputs, interval, order, warmup):
-    """Block-residual TaylorSeer by hand: finite differences at full steps, forecast between."""
+def reference_taylorseer(model, inputs, interval, order, warmup, restart_at=None):
+    """Block-residual TaylorSeer by hand: finite differences at full steps, forecast between;
+    at ``restart_at`` everything computed before is forgotten (an inferred request's restart)."""
     derivs: dict[int, list[torch.Tensor]] = {}
     full_steps: list[int] = []
     outs = []
     with torch.no_grad():
         for step, t in enumerate(TIMESTEPS):
+            if step == restart_at:
+                derivs, full_steps = {}, []
             h, c = _embed(model, inputs(t))
             reuse = step >= warmup and (step - warmup) % interval != 0 and full_steps
             for i, block in enumerate(model.blocks):
@@ -67,6 +70,25 @@ def reference_taylorseer(model, inputs, interval, order, warmup):
     return outs
 
 
+def test_after_a_restart_the_forecast_counts_from_the_restarted_step():
+    # A bare loop restarts its caches at step 1 (issue 31): the full steps the caches hold are
+    # step 1 and the scheduled ones after it, never step 0's computation, which was dropped.
+    schedule = {"kind": "interval", "interval": 5, "warmup": 1}  # computes 0, 1, 6, 11, ...
+    assert computed_steps(schedule, 6) == [0, 1] and computed_steps(schedule, 6, fresh_from=1) == [1]
+    assert computed_steps(schedule, 12, fresh_from=1) == [1, 6, 11]
+    assert computed_steps(schedule, 1, fresh_from=1) == []
+    # At step 6 an explicit request estimates the second difference (three full steps: 0, 1, 6);
+    # after the restart only the first one can be (full steps 1 and 6).
+    assert forecast_controls(schedule, 6, 2) == ([1.0, 0.0, 0.0], [1.0, 0.2, 0.2])
+    assert forecast_controls(schedule, 6, 2, fresh_from=1) == ([1.0, 0.0, 0.0], [1.0, 0.2, 0.0])
+    # Forecasting step 3 of a FORA-like schedule restarted at a step it meant to reuse (interval 3:
+    # computes 0, 3, ...): the value is 2 steps old, from the restart's computation at step 1.
+    fora_like = {"kind": "interval", "interval": 3, "warmup": 0}
+    assert forecast_controls(fora_like, 2, 1, fresh_from=1) == ([1.0, 0.0], [1.0, 0.0])
+    assert forecast_controls(fora_like, 4, 1, fresh_from=1) == ([1.0, 1.0], [1.0, 0.0])
+    assert forecast_controls(fora_like, 3, 1, fresh_from=1) == ([1.0, 0.0], [1.0, 0.5])
+
+
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_taylorseer_matches_hand_written_loop(order):
     model, inputs, _ = FAMILIES["tiny_dit"]()
@@ -76,6 +98,29 @@ def test_taylorseer_matches_hand_written_loop(order):
     for step, (a, b) in enumerate(zip(expected, got)):
         assert torch.allclose(a, b, atol=1e-5), f"step {step}"
     assert adacache.summary(cached).hit_rate == pytest.approx(4 / 8)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_a_bare_loop_forecasts_from_its_restarted_step(order, tmp_path):
+    """Issue 31: a bare loop (no request announced) restarts its caches at step 1 and keeps the
+    schedule; with interval 3 and no warm-up, step 1 was meant to be forecast, so it computes
+    instead and the next forecasts extrapolate from it. The eager model and the exported
+    engine both match the hand-written loop that forgets step 0 at step 1."""
+    model, inputs, _ = FAMILIES["tiny_dit"]()
+    expected = reference_taylorseer(model, inputs, interval=3, order=order, warmup=0, restart_at=1)
+    cached = adacache.compile(model, adacache.TaylorSeer(order=order, interval=3, warmup=0))
+    with torch.no_grad():
+        got = [cached(**inputs(t)).clone() for t in TIMESTEPS]
+    records = cached.adacache.current_session().stats.records
+    assert [r.step for r in records] == list(range(len(TIMESTEPS)))
+    assert [any(map(bool, r.reused.values())) for r in records] == [False, False] + [s % 3 != 0 for s in range(2, len(TIMESTEPS))]
+    for step, (a, b) in enumerate(zip(expected, got)):
+        assert torch.allclose(a, b, atol=1e-5), f"step {step}: {float((a - b).abs().max())}"
+    pytest.importorskip("onnxruntime")
+    engine = adacache.load(adacache.export(cached, tmp_path / "ts", example_inputs=((), inputs(TIMESTEPS[0]))), provider="cpu")
+    for step, t in enumerate(TIMESTEPS):
+        out = engine(**{k: v.numpy() for k, v in inputs(t).items()})["output_0"]
+        assert abs(out - got[step].numpy()).max() < 1e-4, f"engine, step {step}"
 
 
 def test_order_zero_is_fora_and_memory_grows_with_order():

@@ -70,8 +70,9 @@ class StepTracker:
     * the first change of timestep in an inferred request is ambiguous (the request may
       have had one step, or been cancelled after it, and the call be the next request's):
       the tracker *restarts* there, so the call computes in full and nothing from before it
-      is reused. A bare denoising loop therefore computes its first two steps in full; an
-      explicit request computes only the first.
+      is reused. The restart keeps the step count (the call is step 1, :attr:`fresh_from`
+      records that the caches start empty there), so a bare denoising loop makes the
+      decisions of an explicit request at every step but that one forced computation.
 
     In an explicit request jumps are trusted (a schedule may be irregular), but a change
     against the direction still starts a new, inferred request; a request that announced its
@@ -89,6 +90,8 @@ class StepTracker:
     explicit: bool = False
     direction: int = 0
     last_gap: float = 0.0
+    #: The step from which this request's caches hold anything: 0, or 1 after a restart.
+    fresh_from: int = 0
     _explicit_next: bool = False
 
     def begin_request(self) -> None:
@@ -129,14 +132,16 @@ class StepTracker:
         return NEXT_STEP
 
     def _restart(self, timestep: float) -> str:
-        self.step, self.slot, self.last_timestep = 0, 0, timestep
+        # The schedule keeps its place: only the caches start again, at this step.
+        self.step, self.slot, self.last_timestep = self.step + 1, 0, timestep
+        self.fresh_from = self.step
         self.restarts += 1
         return RESTART
 
     def _start(self, timestep: float | None) -> str:
         self.explicit, self._explicit_next = self._explicit_next, False
         self.step, self.slot, self.last_timestep = 0, 0, timestep
-        self.direction, self.last_gap = 0, 0.0
+        self.direction, self.last_gap, self.fresh_from = 0, 0.0, 0
         self.generations += 1
         return NEW_REQUEST
 
@@ -148,7 +153,7 @@ class StepTracker:
     def reset(self) -> None:
         """Forget the position: the next call starts a new request."""
         self.step, self.slot, self.last_timestep = -1, 0, None
-        self.direction, self.last_gap = 0, 0.0
+        self.direction, self.last_gap, self.fresh_from = 0, 0.0, 0
         self._explicit_next = False
 
 
@@ -174,7 +179,16 @@ def mixed_timesteps_message(low: float, high: float) -> str:
     )
 
 
-def forecast_controls(schedule: dict[str, Any], step: int, order: int) -> tuple[list[float], list[float]]:
+def computed_steps(schedule: dict[str, Any], step: int, fresh_from: int = 0) -> list[int]:
+    """The steps before ``step`` whose full computation the caches hold: ``fresh_from`` (the
+    caches start empty there, so it computes whatever the schedule says) and every step after
+    it that the schedule computes."""
+    if step <= fresh_from:
+        return []
+    return [fresh_from] + [s for s in range(fresh_from + 1, step) if not allow_reuse(schedule, s)]
+
+
+def forecast_controls(schedule: dict[str, Any], step: int, order: int, fresh_from: int = 0) -> tuple[list[float], list[float]]:
     """TaylorSeer's per-step coefficients for a static schedule.
 
     Returns ``(coef, update)``, each of length ``order + 1``:
@@ -185,8 +199,11 @@ def forecast_controls(schedule: dict[str, Any], step: int, order: int) -> tuple[
     * on a full step, the finite differences are refreshed as
       ``D_i' = (D_{i-1}' - D_{i-1}) * update[i]`` with ``update[i] = 1 / dt`` (``dt`` the
       steps since the previous full computation) where enough full steps exist, 0 beyond.
+
+    The full steps are those the caches hold (:func:`computed_steps`): after a restart at
+    ``fresh_from`` the forecast counts from that step's computation, not from steps before it.
     """
-    full_before = [s for s in range(step) if not allow_reuse(schedule, s)]
+    full_before = computed_steps(schedule, step, fresh_from)
     coef = [0.0] * (order + 1)
     update = [0.0] * (order + 1)
     coef[0] = update[0] = 1.0

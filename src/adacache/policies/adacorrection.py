@@ -250,7 +250,7 @@ class _UnitRecorder(nn.Module):
             self._attach(self.planner.prepare(*args, **kwargs))
         self.tracker.advance(self.planner.timestep_of(args, kwargs))
         self._slot = self.tracker.slot
-        if self.tracker.step == 0:
+        if self.tracker.step == self.tracker.fresh_from:  # a request (or its restart) begins: no pair across it
             self.previous = {k: v for k, v in self.previous.items() if k[0] != self._slot}
         return self.model(*args, **kwargs)
 

@@ -54,13 +54,16 @@ class StepContext:
     that run classifier-free guidance as two calls per step have slots 0 and 1);
     ``timestep`` is the model's timestep input when it has one; ``total_steps`` is the
     number of steps the request will run when the runtime knows it (a pipeline call's
-    ``num_inference_steps``, or ``new_request(total_steps=...)``), else ``None``.
+    ``num_inference_steps``, or ``new_request(total_steps=...)``), else ``None``; ``fresh_from``
+    is the step from which the caches hold anything (0, or 1 when an inferred request
+    restarted its caches there).
     """
 
     step: int
     slot: int = 0
     timestep: float | None = None
     total_steps: int | None = None
+    fresh_from: int = 0
 
 
 def policy_dataclass(cls: type) -> type:

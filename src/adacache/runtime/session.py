@@ -9,7 +9,8 @@ compiled pipeline, ``with adacache.session(model):``, ``model.adacache.new_reque
   two calls, a Heun step's second call); each slot keeps its own cache;
 * a timestep that reverses the schedule's direction or jumps far beyond its spacing starts
   a new request; the first change of timestep of an inferred request is ambiguous and
-  clears the caches (a bare loop computes its first two steps in full);
+  clears the caches (a bare loop computes its first two steps in full, and keeps the step
+  count, so every later step decides as in an explicit request);
 * a change of input signature that a slot has not seen replaces that slot's cache.
 
 At every request start the model is compared with the fingerprint its program was captured
@@ -148,7 +149,9 @@ class Session:
 
         if callable(self.total_steps):
             self.total_steps = self.total_steps()
-        ctx = StepContext(step=self.step, slot=self.slot, timestep=self.tracker.last_timestep, total_steps=self.total_steps)
+        tracker = self.tracker
+        ctx = StepContext(step=tracker.step, slot=tracker.slot, timestep=tracker.last_timestep, total_steps=self.total_steps,
+                          fresh_from=tracker.fresh_from)
         controls = self.inputs.controls(program, ctx, device)
         outputs = program.graph_module(*flat, *controls, *slot.tensors)
         layout = program.layout
