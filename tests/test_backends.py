@@ -55,8 +55,8 @@ def test_manifest_describes_every_state_and_the_policy(fora_artifact):
     assert sorted(os.listdir(path)) == ["check.npz", "manifest.json", "model.onnx"]
     with np.load(path / "check.npz", allow_pickle=False) as calls:
         assert all(calls[key].dtype != object for key in calls.files)
-    assert manifest["policy"] == {"policy": "FORA", "interval": 3, "warmup": 0, "granularity": "block", "reuse": None}
-    assert manifest["schedules"]["site_0"] == {"kind": "interval", "interval": 3, "warmup": 0}
+    assert manifest["policy"] == {"policy": "FORA", "interval": 3, "warmup": 0, "granularity": "block", "reuse": None, "anchor": "start"}
+    assert manifest["schedules"]["site_0"] == {"kind": "interval", "interval": 3, "warmup": 0, "anchor": "start"}
     assert [s["name"] for s in manifest["states"]] == ["cache__site_0__0", "cache__site_0__valid"]
     assert manifest["states"][0] == {
         "name": "cache__site_0__0", "output": "cache__site_0__0__out", "site": "site_0", "kind": "cache",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 import adacache
 from adacache import ops
 from adacache.policies.fora import is_fora_reuse_step
+from adacache.stepping import allow_reuse
 
 
 @pytest.mark.parametrize(
@@ -28,6 +30,8 @@ from adacache.policies.fora import is_fora_reuse_step
         (lambda: adacache.FirstBlockCache(threshold=0.1, probe_blocks=0), "probe_blocks"),
         (lambda: adacache.FirstBlockCache(threshold=0.1, tail_blocks=-1), "tail_blocks"),
         (lambda: adacache.FORA(intervall=3), "no parameter"),
+        (lambda: adacache.FORA(anchor="middle"), "anchor must be 'start'"),
+        (lambda: adacache.TaylorSeer(anchor=None), "anchor must be 'start'"),
         (lambda: adacache.FirstBlockCache(treshold=0.1), "valid parameters"),
     ],
 )
@@ -40,7 +44,7 @@ def test_policies_are_frozen_and_describe_themselves():
     policy = adacache.FORA(interval=4, warmup=2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.interval = 5  # type: ignore[misc]
-    assert policy.describe() == "FORA(interval=4, warmup=2, granularity='block', reuse=None)"
+    assert policy.describe() == "FORA(interval=4, warmup=2, granularity='block', reuse=None, anchor='start')"
     assert policy.to_dict()["policy"] == "FORA"
 
 
@@ -50,6 +54,23 @@ def test_fora_schedule_computes_once_per_interval(interval, warmup, steps):
     assert not any(reuse[:warmup]), "warm-up steps always compute"
     computed_after = [s for s in range(warmup, steps) if not reuse[s]]
     assert computed_after == list(range(warmup, steps, interval))
+
+
+@given(interval=st.integers(1, 9), warmup=st.integers(0, 5), total=st.integers(1, 60))
+def test_an_end_anchored_schedule_counts_back_from_the_last_step(interval, warmup, total):
+    schedule = {"kind": "interval", "interval": interval, "warmup": warmup, "anchor": "end"}
+    computed = [s for s in range(total) if not allow_reuse(schedule, s, total)]
+    assert computed == sorted(set(range(min(warmup, total))) | set(range(total - 1, warmup - 1, -interval)))
+    assert total - 1 in computed, "the last step always computes"
+    start = dict(schedule, anchor="start")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        unknown_length = [allow_reuse(schedule, s) for s in range(total)]
+    # ... and says so at every step past the warm-up (Python's filters show it once per place).
+    assert len([w for w in caught if issubclass(w.category, adacache.RequestBoundaryWarning)]) == max(0, total - warmup)
+    assert unknown_length == [allow_reuse(start, s) for s in range(total)], "of unknown length, the schedule counts from the start"
+    # Equal cost: past the warm-up both anchors compute ceil((total - warmup) / interval) steps.
+    assert sum(not allow_reuse(start, s, total) for s in range(total)) == len(computed)
 
 
 @settings(max_examples=50, deadline=None)

@@ -66,7 +66,8 @@ class InputError(AdaCacheError, TypeError):
 
 class RequestBoundaryWarning(UserWarning):
     """A compiled model runs where request boundaries can only be inferred from the timestep
-    although an explicit boundary was at hand (a diffusers pipeline that is not compiled)."""
+    although an explicit boundary was at hand (a diffusers pipeline that is not compiled), or
+    where a schedule needs the request's length and the request did not announce it."""
 
 
 class TimestepWarning(UserWarning):

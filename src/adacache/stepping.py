@@ -7,19 +7,27 @@ deployed engine makes exactly the decisions the eager model makes.
 from __future__ import annotations
 
 import math
+import warnings
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from .errors import InputError, RequestBoundaryWarning
 
 SCHEDULE_KINDS = ("never", "interval", "after_warmup")
 
 
-def allow_reuse(schedule: dict[str, Any], step: int) -> bool:
-    """Evaluate a schedule spec at ``step``.
+def allow_reuse(schedule: dict[str, Any], step: int, total_steps: int | None = None) -> bool:
+    """Evaluate a schedule spec at ``step`` of a request of ``total_steps`` steps (when known).
 
     Kinds:
         ``never``: always compute (NoCache).
         ``interval``: compute at ``warmup, warmup + interval, ...``; reuse otherwise (FORA).
+            With ``anchor: "end"`` and a known length, the full steps count back from the
+            last step instead (``total_steps - 1``, ``total_steps - 1 - interval``, ... down
+            to ``warmup``), so the request always ends on a full computation; of unknown
+            length, the schedule counts from the start.
         ``after_warmup``: reuse may happen from step ``warmup`` on; in-graph gates decide.
     """
     kind = schedule.get("kind")
@@ -27,10 +35,32 @@ def allow_reuse(schedule: dict[str, Any], step: int) -> bool:
         return False
     if kind == "interval":
         warmup, interval = int(schedule["warmup"]), int(schedule["interval"])
-        return step >= warmup and (step - warmup) % interval != 0
+        if step < warmup:
+            return False
+        if schedule.get("anchor", "start") == "end":
+            if total_steps is not None:
+                return (total_steps - 1 - step) % interval != 0
+            _warn_end_anchor_without_length()
+        return (step - warmup) % interval != 0
     if kind == "after_warmup":
         return step >= int(schedule["warmup"])
     raise ValueError(f"unknown schedule kind {kind!r}; known kinds: {SCHEDULE_KINDS}")
+
+
+def _warn_end_anchor_without_length() -> None:
+    """Python's filters show it once per place, not once per step."""
+    warnings.warn(
+        "a schedule anchored to the end (anchor='end') runs in a request that did not announce its length, so its full "
+        "steps are counted from the start instead. Compile the pipeline (each call announces num_inference_steps), or "
+        "call model.adacache.new_request(total_steps=N) (engine.new_request(total_steps=N) for an exported engine) "
+        "before each request",
+        RequestBoundaryWarning,
+        stacklevel=3,
+    )
+
+
+#: Where an ``interval`` schedule counts its full steps from (see :func:`allow_reuse`).
+SCHEDULE_ANCHORS = ("start", "end")
 
 
 #: A change of timestep larger than this many times the previous change cannot be the next
@@ -43,6 +73,10 @@ NEW_REQUEST = "new_request"  # the first call of a request: every cache starts e
 RESTART = "restart"  # same request, but nothing cached before this call may be reused
 NEXT_STEP = "next_step"
 NEXT_SLOT = "next_slot"  # the same timestep again: another call of the same step
+
+
+def _is_step_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _sign(x: float) -> int:
@@ -76,7 +110,8 @@ class StepTracker:
 
     In an explicit request jumps are trusted (a schedule may be irregular), but a change
     against the direction still starts a new, inferred request; a request that announced its
-    length (``total_steps``) ends after its last step.
+    length (:attr:`total_steps`) ends after its last step. An inferred request's length is
+    not known.
 
     Without a timestep (``None``), each call is one step; only explicit boundaries and the
     first call start a request.
@@ -92,16 +127,26 @@ class StepTracker:
     last_gap: float = 0.0
     #: The step from which this request's caches hold anything: 0, or 1 after a restart.
     fresh_from: int = 0
+    #: How many steps the current request runs, when it announced it.
+    total_steps: int | None = None
     _explicit_next: bool = False
+    _announced: "int | Callable[[], int | None] | None" = None
 
-    def begin_request(self) -> None:
-        """The next call starts a new request, whatever its timestep."""
+    def begin_request(self, total_steps: "int | Callable[[], int | None] | None" = None) -> None:
+        """The next call starts a new request, whatever its timestep; ``total_steps`` is how
+        many steps it runs, when known, or a function that tells it at that first call (a
+        pipeline sets its scheduler's timesteps only once it runs)."""
+        if not (total_steps is None or callable(total_steps) or _is_step_count(total_steps)):
+            raise InputError(f"total_steps must be the number of steps the request runs (an integer >= 1) or None, got {total_steps!r}")
         self.reset()
-        self._explicit_next = True
+        self._explicit_next, self._announced = True, total_steps
 
     def advance(self, timestep: float | None) -> str:
         """Account for one call; return what it is: :data:`NEW_REQUEST`, :data:`RESTART`,
         :data:`NEXT_STEP` or :data:`NEXT_SLOT`."""
+        if (self.explicit and self.total_steps is not None and self.step >= self.total_steps - 1
+                and timestep != self.last_timestep):
+            self.reset()  # the request ran all the steps it announced: this call is another's
         if self.step < 0:
             return self._start(timestep)
         if timestep is None or self.last_timestep is None:
@@ -140,6 +185,9 @@ class StepTracker:
 
     def _start(self, timestep: float | None) -> str:
         self.explicit, self._explicit_next = self._explicit_next, False
+        announced, self._announced = self._announced, None
+        total = (announced() if callable(announced) else announced) if self.explicit else None
+        self.total_steps = total if _is_step_count(total) else None  # a scheduler that cannot tell: unknown
         self.step, self.slot, self.last_timestep = 0, 0, timestep
         self.direction, self.last_gap, self.fresh_from = 0, 0.0, 0
         self.generations += 1
@@ -154,7 +202,7 @@ class StepTracker:
         """Forget the position: the next call starts a new request."""
         self.step, self.slot, self.last_timestep = -1, 0, None
         self.direction, self.last_gap, self.fresh_from = 0, 0.0, 0
-        self._explicit_next = False
+        self.total_steps, self._explicit_next, self._announced = None, False, None
 
 
 def call_timestep(low: float, high: float, error: type[Exception]) -> float | None:
@@ -179,16 +227,18 @@ def mixed_timesteps_message(low: float, high: float) -> str:
     )
 
 
-def computed_steps(schedule: dict[str, Any], step: int, fresh_from: int = 0) -> list[int]:
+def computed_steps(schedule: dict[str, Any], step: int, fresh_from: int = 0, total_steps: int | None = None) -> list[int]:
     """The steps before ``step`` whose full computation the caches hold: ``fresh_from`` (the
     caches start empty there, so it computes whatever the schedule says) and every step after
     it that the schedule computes."""
     if step <= fresh_from:
         return []
-    return [fresh_from] + [s for s in range(fresh_from + 1, step) if not allow_reuse(schedule, s)]
+    return [fresh_from] + [s for s in range(fresh_from + 1, step) if not allow_reuse(schedule, s, total_steps)]
 
 
-def forecast_controls(schedule: dict[str, Any], step: int, order: int, fresh_from: int = 0) -> tuple[list[float], list[float]]:
+def forecast_controls(
+    schedule: dict[str, Any], step: int, order: int, fresh_from: int = 0, total_steps: int | None = None
+) -> tuple[list[float], list[float]]:
     """TaylorSeer's per-step coefficients for a static schedule.
 
     Returns ``(coef, update)``, each of length ``order + 1``:
@@ -203,11 +253,11 @@ def forecast_controls(schedule: dict[str, Any], step: int, order: int, fresh_fro
     The full steps are those the caches hold (:func:`computed_steps`): after a restart at
     ``fresh_from`` the forecast counts from that step's computation, not from steps before it.
     """
-    full_before = computed_steps(schedule, step, fresh_from)
+    full_before = computed_steps(schedule, step, fresh_from, total_steps)
     coef = [0.0] * (order + 1)
     update = [0.0] * (order + 1)
     coef[0] = update[0] = 1.0
-    if allow_reuse(schedule, step) and full_before:
+    if allow_reuse(schedule, step, total_steps) and full_before:
         k = step - full_before[-1]
         available = min(order, len(full_before) - 1)
         factorial = 1.0

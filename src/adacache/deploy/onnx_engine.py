@@ -156,11 +156,13 @@ class OnnxEngine:
         """Forget the caches; the next call starts a new request (same as :meth:`new_request`)."""
         self.new_request()
 
-    def new_request(self) -> None:
+    def new_request(self, total_steps: int | None = None) -> None:
         """The next call starts a new request: nothing cached before it is reused, whatever
         its timestep. Call it before each generation when the engine serves several (it
-        applies to the calling thread's request)."""
-        self.request.begin_request()
+        applies to the calling thread's request); ``total_steps``, the number of steps the
+        request runs, lets a schedule anchored to the end place its full steps and ends the
+        request after its last step, as a compiled pipeline call does."""
+        self.request.begin_request(total_steps)
 
     def _check_inputs(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         names = [i["name"] for i in self.inputs]
@@ -205,11 +207,11 @@ class OnnxEngine:
         schedules = self.manifest["schedules"]
         forecast = self.manifest.get("forecast")
         if forecast:
-            coef, update = forecast_controls(schedules[forecast["schedule_of"]], planned.step, forecast["order"], planned.tracker.fresh_from)
+            coef, update = forecast_controls(schedules[forecast["schedule_of"]], planned.step, forecast["order"], planned.tracker.fresh_from, planned.tracker.total_steps)
             binding.bind_ortvalue_input(forecast["coef"], self._device_value(np.asarray(coef, dtype=np.float32)))
             binding.bind_ortvalue_input(forecast["update"], self._device_value(np.asarray(update, dtype=np.float32)))
         for control in self.manifest["controls"]:
-            allowed = allow_reuse(schedules[control["site"]], planned.step)
+            allowed = allow_reuse(schedules[control["site"]], planned.step, planned.tracker.total_steps)
             binding.bind_ortvalue_input(control["name"], self._flags[allowed])
         self.session.run_with_iobinding(binding)
         results = binding.get_outputs()

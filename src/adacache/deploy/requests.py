@@ -34,9 +34,10 @@ class RequestState(Generic[Buffers]):
     reused: dict[str, int] = field(default_factory=dict)
     calls: int = 0
 
-    def begin_request(self) -> None:
-        """The next call starts a new request: nothing cached before it is reused."""
-        self.tracker.begin_request()
+    def begin_request(self, total_steps: int | None = None) -> None:
+        """The next call starts a new request: nothing cached before it is reused;
+        ``total_steps`` is how many steps it runs, when known."""
+        self.tracker.begin_request(total_steps)
         self.slots.clear()
 
 

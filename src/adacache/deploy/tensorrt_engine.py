@@ -94,10 +94,11 @@ class TensorRTEngine:
         """Forget the caches; the next call starts a new request (same as :meth:`new_request`)."""
         self.new_request()
 
-    def new_request(self) -> None:
-        """The next call starts a new request, whatever its timestep (see the ONNX engine)."""
+    def new_request(self, total_steps: int | None = None) -> None:
+        """The next call starts a new request, whatever its timestep; ``total_steps`` as in
+        the ONNX engine."""
         self._check_thread()
-        self.requests.current().begin_request()
+        self.requests.current().begin_request(total_steps)
 
     @staticmethod
     def _row_timestep(value: Any) -> float | None:
@@ -128,13 +129,13 @@ class TensorRTEngine:
         forecast = self.manifest.get("forecast")
         keep_alive = []
         if forecast:
-            coef, update = forecast_controls(self.manifest["schedules"][forecast["schedule_of"]], planned.step, forecast["order"], planned.tracker.fresh_from)
+            coef, update = forecast_controls(self.manifest["schedules"][forecast["schedule_of"]], planned.step, forecast["order"], planned.tracker.fresh_from, planned.tracker.total_steps)
             for name, values in ((forecast["coef"], coef), (forecast["update"], update)):
                 tensor = torch.tensor(values, dtype=torch.float32, device="cuda")
                 keep_alive.append(tensor)
                 ctx.set_tensor_address(name, tensor.data_ptr())
         for control in self.manifest["controls"]:
-            allowed = allow_reuse(self.manifest["schedules"][control["site"]], planned.step)
+            allowed = allow_reuse(self.manifest["schedules"][control["site"]], planned.step, planned.tracker.total_steps)
             ctx.set_tensor_address(control["name"], self._flags[allowed].data_ptr())
         for state, cur, nxt in zip(self.manifest["states"], current, spare):
             ctx.set_tensor_address(state["name"], cur.data_ptr())

@@ -44,6 +44,8 @@ from ..passes.contract import (  # noqa: F401 - the contract's words, re-exporte
 from ..passes.regions import Region
 
 Granularity = Literal["block", "module"]
+#: Where a fixed interval schedule counts its full steps from (see :func:`adacache.stepping.allow_reuse`).
+ScheduleAnchor = Literal["start", "end"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,13 @@ class StepContext:
     timestep: float | None = None
     total_steps: int | None = None
     fresh_from: int = 0
+
+
+def check_anchor(policy: str, anchor: Any) -> None:
+    """Refuse an anchor that is not one of :data:`adacache.stepping.SCHEDULE_ANCHORS`."""
+    check(anchor in stepping.SCHEDULE_ANCHORS, policy,
+          f"anchor must be 'start' (full steps counted from the first) or 'end' (counted back from the last, when the "
+          f"request's length is known), got {anchor!r}")
 
 
 def policy_dataclass(cls: type) -> type:
@@ -172,7 +181,7 @@ class Policy:
 
     def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
         """Whether ``site`` may reuse its cache at this step (the in-graph checks still apply)."""
-        return stepping.allow_reuse(self.schedule(site), ctx.step)
+        return stepping.allow_reuse(self.schedule(site), ctx.step, ctx.total_steps)
 
     def check_parameters(self) -> None:
         """Check the parameters again, as when the policy was made (raise :class:`PolicyError`).

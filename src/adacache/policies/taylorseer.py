@@ -6,7 +6,7 @@ from typing import Any
 
 from ..passes.regions import Region
 from ..validate import policy_number
-from .base import Granularity, Policy, ReuseForm, SitePlan, check, policy_dataclass, rebuild_for
+from .base import Granularity, Policy, ReuseForm, ScheduleAnchor, SitePlan, check, check_anchor, policy_dataclass, rebuild_for
 
 
 @policy_dataclass
@@ -26,6 +26,10 @@ class TaylorSeer(Policy):
             interval 5 kept 37.6 dB at 4.24x with blocks and 36.7 dB at 2.23x with modules, see
             docs/findings.md) or ``module`` (attention / feed-forward outputs).
         reuse: ``output`` or ``residual``; default: residual for blocks, output for modules.
+        anchor: ``start`` (the default) or ``end``: where the full steps are counted from, as
+            in :class:`~adacache.FORA`. Anchored to the end, the first window after the
+            warm-up may be forecast from a single full step (order 0); on the reference model
+            that cost 2.1-2.2 dB at interval 5 over 50 steps (BENCHMARKS.md).
     """
 
     zcache_base = True  # each full computation at its interval closes a window
@@ -35,6 +39,7 @@ class TaylorSeer(Policy):
     warmup: int = 1
     granularity: Granularity = "block"
     reuse: ReuseForm | None = None
+    anchor: ScheduleAnchor = "start"
 
     def __post_init__(self) -> None:
         name = "TaylorSeer"
@@ -43,6 +48,7 @@ class TaylorSeer(Policy):
         object.__setattr__(self, "warmup", policy_number(name, "warmup", self.warmup, integer=True, minimum=0))
         check(self.granularity in ("block", "module"), name, f"granularity must be 'block' or 'module', got {self.granularity!r}")
         check(self.reuse in (None, "residual", "output"), name, f"reuse must be 'residual' or 'output', got {self.reuse!r}")
+        check_anchor(name, self.anchor)
         check(not (self.granularity == "module" and self.reuse == "residual"), name, "module outputs have no residual form; use reuse='output'")
 
     def plan(self, blocks: list[Region]) -> list[SitePlan]:
@@ -55,7 +61,7 @@ class TaylorSeer(Policy):
         return sites
 
     def schedule(self, site: SitePlan) -> dict[str, Any]:
-        return {"kind": "interval", "interval": self.interval, "warmup": self.warmup}
+        return {"kind": "interval", "interval": self.interval, "warmup": self.warmup, "anchor": self.anchor}
 
     @property
     def proposes_reuse(self) -> bool:  # type: ignore[override]

@@ -66,8 +66,6 @@ class Session:
     stats: SessionStats = field(default_factory=SessionStats)
     tracker: StepTracker = field(default_factory=StepTracker)
     slots: dict[int, SlotState] = field(default_factory=dict)
-    #: Steps the current request will run, when known (a pipeline's num_inference_steps).
-    total_steps: "int | Callable[[], int | None] | None" = None
     _thread: int = field(default_factory=threading.get_ident)
 
     @property
@@ -80,6 +78,11 @@ class Session:
         """Index of the current call within the step (CFG as two calls: 0 and 1)."""
         return self.tracker.slot
 
+    @property
+    def total_steps(self) -> int | None:
+        """Steps the current request runs, when it announced them (a pipeline's num_inference_steps)."""
+        return self.tracker.total_steps
+
     def reset(self) -> None:
         """Forget every cache; the next call starts a new request."""
         self.begin_request(None)
@@ -91,19 +94,13 @@ class Session:
         if self.tracker.step >= 0:
             self.stats.close_generation()
         self.slots.clear()
-        self.tracker.begin_request()
-        self.total_steps = total_steps
+        self.tracker.begin_request(total_steps)
 
     def _advance(self, timestep: float | None) -> bool:
         """Place this call in the request; True when it must start from empty caches."""
-        tracker = self.tracker
-        if (tracker.explicit and isinstance(self.total_steps, int) and tracker.step >= self.total_steps - 1
-                and timestep != tracker.last_timestep):
-            tracker.reset()  # the request ran all the steps it announced: this call is another's
-        event = tracker.advance(timestep)
+        event = self.tracker.advance(timestep)
         if event == NEW_REQUEST:
             if not self.tracker.explicit:
-                self.total_steps = None  # an inferred request: its length is not known
                 self.on_inferred_request()
             if self.stats.records:
                 self.stats.close_generation()
@@ -124,11 +121,11 @@ class Session:
             )
         # A call that fails leaves no trace: a retry is the same call, in the same slot, with
         # the caches it would have had (the CFG pair's other call never takes its place).
-        position, slots, total_steps = copy.copy(self.tracker), dict(self.slots), self.total_steps
+        position, slots = copy.copy(self.tracker), dict(self.slots)
         try:
             return self._call(args, kwargs)
         except BaseException:
-            self.tracker, self.slots, self.total_steps = position, slots, total_steps
+            self.tracker, self.slots = position, slots
             raise
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -147,10 +144,8 @@ class Session:
             slot = SlotState(signature, program, program.initial_state(device))
             self.slots[self.slot] = slot
 
-        if callable(self.total_steps):
-            self.total_steps = self.total_steps()
         tracker = self.tracker
-        ctx = StepContext(step=tracker.step, slot=tracker.slot, timestep=tracker.last_timestep, total_steps=self.total_steps,
+        ctx = StepContext(step=tracker.step, slot=tracker.slot, timestep=tracker.last_timestep, total_steps=tracker.total_steps,
                           fresh_from=tracker.fresh_from)
         controls = self.inputs.controls(program, ctx, device)
         outputs = program.graph_module(*flat, *controls, *slot.tensors)

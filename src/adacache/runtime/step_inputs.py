@@ -35,7 +35,7 @@ class StepInputs:
         self._timestep_index = _positional_index(model, self.timestep_names)
         self._warned_no_timestep = False
         self._flags: dict[tuple[bool, torch.device], torch.Tensor] = {}
-        self._forecast: dict[tuple[int, int, torch.device], list[torch.Tensor]] = {}
+        self._forecast: dict[tuple[int, int, int | None, torch.device], list[torch.Tensor]] = {}
 
     # -- the timestep -------------------------------------------------------------------
     def timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
@@ -86,11 +86,11 @@ class StepInputs:
         controls: list[torch.Tensor] = []
         sites = program.cached_sites
         if program.layout.forecast_order:
-            key = (ctx.step, ctx.fresh_from, device)
+            key = (ctx.step, ctx.fresh_from, ctx.total_steps, device)
             cached = self._forecast.get(key)
             if cached is None:
                 schedule = self.policy.schedule(sites[0])
-                coef, update = stepping.forecast_controls(schedule, ctx.step, program.layout.forecast_order, ctx.fresh_from)
+                coef, update = stepping.forecast_controls(schedule, ctx.step, program.layout.forecast_order, ctx.fresh_from, ctx.total_steps)
                 cached = self._forecast[key] = [torch.tensor(coef, device=device), torch.tensor(update, device=device)]
             controls += cached
         controls += [self.flag(self.policy.allow_reuse(ctx, site), device) for site in sites]
