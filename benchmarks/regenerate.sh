@@ -15,6 +15,7 @@ python benchmarks/core_speed.py --config small --steps 50 --repeats 5 --threads 
 python benchmarks/guard_cost.py --repeats 15 --threads "$THREADS" --out "$OUT/guard_cost.json"
 python benchmarks/capture_modes.py --steps 10 --repeats 15 --threads "$THREADS" --out "$OUT/capture_modes.json"
 python benchmarks/schedule_phase.py --samples 20 --steps 50 30 20 --threads "$THREADS" --out "$OUT/schedule_phase.json"
+(cd benchmarks && python forecasters.py --samples 20 --steps 50 --threads "$THREADS" --out "../$OUT/forecasters.json")
 python benchmarks/ort_call_cost.py --repeats 9 --inner 10 --threads "$THREADS" --out "$OUT/ort_call_cost.json"
 python benchmarks/backends_speed.py --models reference dit-s --steps 50 --repeats 3 --threads "$THREADS" --out "$OUT/backends_speed.json"
 python benchmarks/offset_score_study.py --samples 20 --out "$OUT/offset_study.json"

@@ -34,9 +34,14 @@ def test_forecast_coefficients_follow_the_taylor_formula(order, interval, warmup
             assert update[i] == pytest.approx(expected)
 
 
-def reference_taylorseer(model, inputs, interval, order, warmup, restart_at=None):
-    """Block-residual TaylorSeer by hand: finite differences at full steps, forecast between;
-    at ``restart_at`` everything computed before is forgotten (an inferred request's restart)."""
+def taylor_weight(k: int, j: int) -> float:
+    return k**j / math.factorial(j)
+
+
+def reference_taylorseer(model, inputs, interval, order, warmup, restart_at=None, weight=taylor_weight):
+    """Block-residual TaylorSeer by hand: finite differences at full steps, forecast between
+    (``weight(k, j)`` on the j-th difference, k steps after the last full step); at
+    ``restart_at`` everything computed before is forgotten (an inferred request's restart)."""
     derivs: dict[int, list[torch.Tensor]] = {}
     full_steps: list[int] = []
     outs = []
@@ -50,7 +55,7 @@ def reference_taylorseer(model, inputs, interval, order, warmup, restart_at=None
                 if reuse:
                     k = step - full_steps[-1]
                     d = derivs[i]
-                    forecast = sum(d[j] * k**j / math.factorial(j) for j in range(min(order, len(full_steps) - 1) + 1))
+                    forecast = sum(d[j] * weight(k, j) for j in range(min(order, len(full_steps) - 1) + 1))
                     h = h + forecast
                 else:
                     out = block(h, c)

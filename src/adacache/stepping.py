@@ -237,15 +237,22 @@ def computed_steps(schedule: dict[str, Any], step: int, fresh_from: int = 0, tot
 
 
 def forecast_controls(
-    schedule: dict[str, Any], step: int, order: int, fresh_from: int = 0, total_steps: int | None = None
+    schedule: dict[str, Any],
+    step: int,
+    order: int,
+    fresh_from: int = 0,
+    total_steps: int | None = None,
+    basis: "list[list[float]] | None" = None,
 ) -> tuple[list[float], list[float]]:
-    """TaylorSeer's per-step coefficients for a static schedule.
+    """A forecasting policy's per-step coefficients for a static schedule.
 
     Returns ``(coef, update)``, each of length ``order + 1``:
 
-    * on a reuse step, the forecast is ``sum_i coef[i] * D_i`` with ``coef[i] = k**i / i!``,
-      ``k`` the steps since the last full computation, for the orders the full steps so far
-      can estimate (``i < number of full steps``), 0 beyond;
+    * on a reuse step, the forecast is ``sum_i coef[i] * D_i``, ``k`` the steps since the
+      last full computation, for the orders the full steps so far can estimate
+      (``i < number of full steps``), 0 beyond. ``coef[i]`` is TaylorSeer's ``k**i / i!``,
+      or ``basis[k][i]`` where the policy forecasts in another basis (a table by lag, so that
+      a deployed engine reads it as data: HiCache's scaled Hermite polynomials);
     * on a full step, the finite differences are refreshed as
       ``D_i' = (D_{i-1}' - D_{i-1}) * update[i]`` with ``update[i] = 1 / dt`` (``dt`` the
       steps since the previous full computation) where enough full steps exist, 0 beyond.
@@ -260,10 +267,13 @@ def forecast_controls(
     if allow_reuse(schedule, step, total_steps) and full_before:
         k = step - full_before[-1]
         available = min(order, len(full_before) - 1)
+        if basis is not None and k >= len(basis):
+            raise ValueError(f"the forecast basis covers lags up to {len(basis) - 1}, but step {step} is {k} steps after "
+                             "the last full computation; the policy's table must cover its longest window")
         factorial = 1.0
         for i in range(1, available + 1):
             factorial *= i
-            coef[i] = k**i / factorial
+            coef[i] = basis[k][i] if basis is not None else k**i / factorial
     elif full_before:
         dt = step - full_before[-1]
         for i in range(1, min(order, len(full_before)) + 1):

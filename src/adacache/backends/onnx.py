@@ -250,7 +250,8 @@ def _manifest(cached: Runtime, program: Program, feeds: Feeds, schedules: dict[s
         "controls": [{"name": c.name, "site": c.site} for c in layout.controls if c.kind == "allow"],
         "forecast": (
             {"order": order, **{c.kind.removeprefix("forecast_"): c.name for c in layout.controls if c.kind != "allow"},
-             "schedule_of": program.cached_sites[0].name}
+             "schedule_of": program.cached_sites[0].name,
+             **({"basis": basis} if (basis := cached.policy.forecast_basis()) is not None else {})}
             if order else None
         ),
         "signals": [{"name": s.name, "site": s.site, "kind": s.kind} for s in layout.signals],

@@ -207,7 +207,8 @@ class OnnxEngine:
         schedules = self.manifest["schedules"]
         forecast = self.manifest.get("forecast")
         if forecast:
-            coef, update = forecast_controls(schedules[forecast["schedule_of"]], planned.step, forecast["order"], planned.tracker.fresh_from, planned.tracker.total_steps)
+            coef, update = forecast_controls(schedules[forecast["schedule_of"]], planned.step, forecast["order"], planned.tracker.fresh_from,
+                                           planned.tracker.total_steps, forecast.get("basis"))
             binding.bind_ortvalue_input(forecast["coef"], self._device_value(np.asarray(coef, dtype=np.float32)))
             binding.bind_ortvalue_input(forecast["update"], self._device_value(np.asarray(update, dtype=np.float32)))
         for control in self.manifest["controls"]:

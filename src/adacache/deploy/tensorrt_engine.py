@@ -129,7 +129,8 @@ class TensorRTEngine:
         forecast = self.manifest.get("forecast")
         keep_alive = []
         if forecast:
-            coef, update = forecast_controls(self.manifest["schedules"][forecast["schedule_of"]], planned.step, forecast["order"], planned.tracker.fresh_from, planned.tracker.total_steps)
+            coef, update = forecast_controls(self.manifest["schedules"][forecast["schedule_of"]], planned.step, forecast["order"], planned.tracker.fresh_from,
+                                           planned.tracker.total_steps, forecast.get("basis"))
             for name, values in ((forecast["coef"], coef), (forecast["update"], update)):
                 tensor = torch.tensor(values, dtype=torch.float32, device="cuda")
                 keep_alive.append(tensor)

@@ -17,6 +17,7 @@ POLICIES = {
     "FORA": "fora",
     "FirstBlockCache": "first_block",
     "TaylorSeer": "taylorseer",
+    "HiCache": "hicache",
     "TeaCache": "teacache",
     "MagCache": "magcache",
     "EasyCache": "easycache",

@@ -200,6 +200,9 @@ class AdaCorrection(Policy):
             )
         return self.scales[unit]
 
+    def forecast_basis(self) -> list[list[float]] | None:
+        return self.base.forecast_basis()
+
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return self.base.schedule(site)
 

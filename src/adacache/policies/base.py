@@ -179,6 +179,13 @@ class Policy:
         """
         raise NotImplementedError
 
+    def forecast_basis(self) -> list[list[float]] | None:
+        """For a forecasting policy, the coefficient of each stored difference by lag
+        (``basis[k][i]``, ``k`` steps after the last full computation), when it is not
+        TaylorSeer's ``k**i / i!`` (None). Data, not code, so that it travels in export
+        manifests (see :func:`adacache.stepping.forecast_controls`)."""
+        return None
+
     def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
         """Whether ``site`` may reuse its cache at this step (the in-graph checks still apply)."""
         return stepping.allow_reuse(self.schedule(site), ctx.step, ctx.total_steps)

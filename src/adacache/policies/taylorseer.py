@@ -42,7 +42,7 @@ class TaylorSeer(Policy):
     anchor: ScheduleAnchor = "start"
 
     def __post_init__(self) -> None:
-        name = "TaylorSeer"
+        name = type(self).__name__
         object.__setattr__(self, "order", policy_number(name, "order", self.order, integer=True, minimum=0, maximum=4))
         object.__setattr__(self, "interval", policy_number(name, "interval", self.interval, integer=True, minimum=1))
         object.__setattr__(self, "warmup", policy_number(name, "warmup", self.warmup, integer=True, minimum=0))

@@ -103,6 +103,9 @@ class ZCache(Policy):
     def check_model(self, model: Any) -> None:
         self.base.check_model(model)
 
+    def forecast_basis(self) -> list[list[float]] | None:
+        return self.base.forecast_basis()
+
     def schedule(self, site: SitePlan) -> dict[str, Any]:
         return self.base.schedule(site)
 

@@ -90,7 +90,8 @@ class StepInputs:
             cached = self._forecast.get(key)
             if cached is None:
                 schedule = self.policy.schedule(sites[0])
-                coef, update = stepping.forecast_controls(schedule, ctx.step, program.layout.forecast_order, ctx.fresh_from, ctx.total_steps)
+                coef, update = stepping.forecast_controls(schedule, ctx.step, program.layout.forecast_order, ctx.fresh_from,
+                                                          ctx.total_steps, self.policy.forecast_basis())
                 cached = self._forecast[key] = [torch.tensor(coef, device=device), torch.tensor(update, device=device)]
             controls += cached
         controls += [self.flag(self.policy.allow_reuse(ctx, site), device) for site in sites]
