@@ -18,8 +18,9 @@ from .errors import InputError, RequestBoundaryWarning
 SCHEDULE_KINDS = ("never", "interval", "after_warmup")
 
 
-def allow_reuse(schedule: dict[str, Any], step: int, total_steps: int | None = None) -> bool:
-    """Evaluate a schedule spec at ``step`` of a request of ``total_steps`` steps (when known).
+def allow_reuse(schedule: dict[str, Any], step: int, total_steps: int | None = None, timestep: float | None = None) -> bool:
+    """Evaluate a schedule spec at ``step`` of a request of ``total_steps`` steps (when
+    known), called with ``timestep`` (when the model has one).
 
     Kinds:
         ``never``: always compute (NoCache).
@@ -27,7 +28,10 @@ def allow_reuse(schedule: dict[str, Any], step: int, total_steps: int | None = N
             With ``anchor: "end"`` and a known length, the full steps count back from the
             last step instead (``total_steps - 1``, ``total_steps - 1 - interval``, ... down
             to ``warmup``), so the request always ends on a full computation; of unknown
-            length, the schedule counts from the start.
+            length, the schedule counts from the start. With ``timestep_window: [low, high]``
+            reuse happens only while ``low < timestep < high`` (Pyramid Attention Broadcast's
+            range, on diffusers' 0-1000 timestep scale: see :func:`on_thousand_scale`);
+            outside it, or without a timestep, every step computes.
         ``after_warmup``: reuse may happen from step ``warmup`` on; in-graph gates decide.
     """
     kind = schedule.get("kind")
@@ -37,6 +41,9 @@ def allow_reuse(schedule: dict[str, Any], step: int, total_steps: int | None = N
         warmup, interval = int(schedule["warmup"]), int(schedule["interval"])
         if step < warmup:
             return False
+        window = schedule.get("timestep_window")
+        if window is not None and (timestep is None or not float(window[0]) < on_thousand_scale(timestep) < float(window[1])):
+            return False
         if schedule.get("anchor", "start") == "end":
             if total_steps is not None:
                 return (total_steps - 1 - step) % interval != 0
@@ -45,6 +52,14 @@ def allow_reuse(schedule: dict[str, Any], step: int, total_steps: int | None = N
     if kind == "after_warmup":
         return step >= int(schedule["warmup"])
     raise ValueError(f"unknown schedule kind {kind!r}; known kinds: {SCHEDULE_KINDS}")
+
+
+def on_thousand_scale(timestep: float) -> float:
+    """A call's timestep on diffusers' 0-1000 scale. Models called with the timestep divided
+    by 1000 (Flux, Lumina's ``1 - t``, most flow-match transformers) pass values in [0, 1],
+    which no 0-1000 schedule passes before its last step (integer timesteps 0 or 1, or a
+    sigma times 1000 well above 1), so a magnitude of at most 1 is read as that scale."""
+    return timestep * 1000.0 if abs(timestep) <= 1.0 else timestep
 
 
 def _warn_end_anchor_without_length() -> None:
@@ -231,6 +246,9 @@ def computed_steps(schedule: dict[str, Any], step: int, fresh_from: int = 0, tot
     """The steps before ``step`` whose full computation the caches hold: ``fresh_from`` (the
     caches start empty there, so it computes whatever the schedule says) and every step after
     it that the schedule computes."""
+    if schedule.get("timestep_window") is not None:
+        # Past decisions hung on past timesteps, which the step count alone does not tell.
+        raise ValueError("a forecast cannot run on a schedule with a timestep window: its full steps depend on the timesteps")
     if step <= fresh_from:
         return []
     return [fresh_from] + [s for s in range(fresh_from + 1, step) if not allow_reuse(schedule, s, total_steps)]

@@ -212,7 +212,7 @@ class OnnxEngine:
             binding.bind_ortvalue_input(forecast["coef"], self._device_value(np.asarray(coef, dtype=np.float32)))
             binding.bind_ortvalue_input(forecast["update"], self._device_value(np.asarray(update, dtype=np.float32)))
         for control in self.manifest["controls"]:
-            allowed = allow_reuse(schedules[control["site"]], planned.step, planned.tracker.total_steps)
+            allowed = allow_reuse(schedules[control["site"]], planned.step, planned.tracker.total_steps, planned.tracker.last_timestep)
             binding.bind_ortvalue_input(control["name"], self._flags[allowed])
         self.session.run_with_iobinding(binding)
         results = binding.get_outputs()

@@ -136,7 +136,7 @@ class TensorRTEngine:
                 keep_alive.append(tensor)
                 ctx.set_tensor_address(name, tensor.data_ptr())
         for control in self.manifest["controls"]:
-            allowed = allow_reuse(self.manifest["schedules"][control["site"]], planned.step, planned.tracker.total_steps)
+            allowed = allow_reuse(self.manifest["schedules"][control["site"]], planned.step, planned.tracker.total_steps, planned.tracker.last_timestep)
             ctx.set_tensor_address(control["name"], self._flags[allowed].data_ptr())
         for state, cur, nxt in zip(self.manifest["states"], current, spare):
             ctx.set_tensor_address(state["name"], cur.data_ptr())

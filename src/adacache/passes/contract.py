@@ -168,6 +168,8 @@ class SitePlan:
         terms: the terms its reuse predicate adds to schedule and validity.
         blocks: the blocks it covers, by qualified name.
         params: attribute paths of the parameters the site reads (set by ``outline_sites``).
+        group: the policy's own kind of site, read back by its schedule (PAB: which kind of
+            attention); the passes never read it.
     """
 
     name: str
@@ -178,6 +180,7 @@ class SitePlan:
     terms: tuple[Term, ...] = ()
     blocks: tuple[str, ...] = field(default_factory=tuple)
     params: tuple[str, ...] = field(default_factory=tuple)
+    group: str = ""
 
     def term(self, kind: type) -> Any:
         """The site's term of this kind, or ``None``."""

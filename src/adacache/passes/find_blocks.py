@@ -124,6 +124,8 @@ def find_blocks(
             node.meta[REGION_META] = block.name
         if with_submodules:
             block.submodules = _find_submodules(block, order)
+            for sub in block.submodules:
+                sub.cross_attention = _says_cross_attention(model, sub.name)
     return blocks
 
 
@@ -177,6 +179,17 @@ def _no_blocks_error(model: nn.Module, pattern: str | Sequence[str] | None, name
 def _carries_tokens(region: Region) -> bool:
     """Whether the block's streams are sequences (at least batch x tokens x channels)."""
     return all(tensor_meta(o) is not None and tensor_meta(o).dim() >= 3 for o in region.outputs)
+
+
+def _says_cross_attention(model: nn.Module, path: str) -> bool | None:
+    """What the module at ``path`` says of itself (diffusers' attention classes set
+    ``is_cross_attention``); None for a module that does not say, or a path that is not one
+    of ``model``'s (a run of blocks captured on its own)."""
+    try:
+        flag = getattr(model.get_submodule(path), "is_cross_attention", None)
+    except AttributeError:
+        return None
+    return flag if isinstance(flag, bool) else None
 
 
 def _find_submodules(block: Region, order: dict[fx.Node, int]) -> list[Region]:

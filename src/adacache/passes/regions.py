@@ -65,6 +65,9 @@ class Region:
     streams: dict[int, int] = field(default_factory=dict)
     reason: str | None = None  # why the region is not eligible, None when it is
     submodules: list["Region"] = field(default_factory=list)
+    #: For an attention sub-module: whether it attends to another sequence (the text), as the
+    #: module itself says (diffusers' ``is_cross_attention``); None where it does not say.
+    cross_attention: bool | None = None
 
     @property
     def eligible(self) -> bool:

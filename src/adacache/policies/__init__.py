@@ -18,6 +18,7 @@ POLICIES = {
     "FirstBlockCache": "first_block",
     "TaylorSeer": "taylorseer",
     "HiCache": "hicache",
+    "PAB": "pab",
     "TeaCache": "teacache",
     "MagCache": "magcache",
     "EasyCache": "easycache",

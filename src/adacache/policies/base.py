@@ -188,7 +188,7 @@ class Policy:
 
     def allow_reuse(self, ctx: StepContext, site: SitePlan) -> bool:
         """Whether ``site`` may reuse its cache at this step (the in-graph checks still apply)."""
-        return stepping.allow_reuse(self.schedule(site), ctx.step, ctx.total_steps)
+        return stepping.allow_reuse(self.schedule(site), ctx.step, ctx.total_steps, ctx.timestep)
 
     def check_parameters(self) -> None:
         """Check the parameters again, as when the policy was made (raise :class:`PolicyError`).
