@@ -272,13 +272,18 @@ def request_sequences(draw):
     far below it (beyond MAX_GAP_GROWTH of the previous spacing), or follows a one-step
     inferred request. After an explicit request of unknown length only a start above a
     schedule of two or more steps is recognised; after a one-step one, nothing. A start at
-    the previous call's own timestep is that call's next slot, never detectable.
+    the previous call's own timestep is that call's next slot, never detectable. A one-step
+    request told apart only as the restart of a one-step request before it continues that
+    request's schedule (the restart learned its direction), so what follows it is explicit.
     """
     requests = []
     previous = None  # (schedule, spacing, explicit, announced)
+    restarted = False  # the previous request was told apart only as a restart of the one before it
     for _ in range(draw(st.integers(2, 4))):
         # The first is explicit: each example starts with new_request() on a shared compiled model.
-        explicit = previous is None or draw(st.booleans()) or (previous is not None and previous[2] and not previous[3] and len(previous[0]) == 1)
+        explicit = (previous is None or draw(st.booleans()) or (previous[2] and not previous[3] and len(previous[0]) == 1)
+                    or (restarted and len(previous[0]) == 1))
+        after_one_step = previous is not None and not explicit and not previous[3] and len(previous[0]) == 1 and not previous[2]
         announced = explicit and draw(st.booleans())
         length = draw(st.integers(1, 5))
         spacing = float(draw(st.sampled_from([10, 25, 50])))
@@ -294,6 +299,7 @@ def request_sequences(draw):
         calls_per_step = draw(st.sampled_from([1, 2]))
         requests.append((explicit, announced, schedule, calls_per_step))
         previous = (schedule, spacing, explicit, announced)
+        restarted = after_one_step
     return requests
 
 
