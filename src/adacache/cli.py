@@ -1,9 +1,11 @@
-"""The ``adacache`` command line: ``adacache export``, ``adacache check``, ``adacache explain``, ``adacache bench``."""
+"""The ``adacache`` command line: ``adacache export``, ``adacache check``, ``adacache explain``, ``adacache serve``,
+``adacache bench``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 
 from .arguments import int_in, output_folder, policy_expression
@@ -58,6 +60,43 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from adacache.serve.app import start, stop
+
+    # A service manager stops with SIGTERM: stop Ray as on Ctrl-C, or its processes outlive this one.
+    signal.signal(signal.SIGTERM, _interrupt)
+    url = start(args.policy, host=args.host, port=args.port, replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
+                cpus_per_replica=args.cpus_per_replica, threads=args.threads)
+    until = "until interrupted (Ctrl-C)" if not args.duration else f"for {args.duration:g} s"
+    print(f"serving the reference model with {args.policy} at {url} {until}; POST a JSON object such as "
+          '{"class_labels": [3, 7], "seeds": [0, 1], "num_inference_steps": 50, "guidance_scale": 4.0, "output": "png"}', flush=True)
+    try:
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _check_serve(args: argparse.Namespace) -> str | None:
+    if importlib.util.find_spec("ray") is None:
+        return "serving needs Ray Serve: pip install 'adacache[serve]'"
+    if not os.environ.get("RAY_ADDRESS") and args.replicas * args.cpus_per_replica > (os.cpu_count() or 1):
+        return (f"--replicas {args.replicas} x --cpus-per-replica {args.cpus_per_replica:g} needs more CPUs than this machine has "
+                f"({os.cpu_count()}); lower either, or set RAY_ADDRESS to run on a Ray cluster")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adacache", description="Feature caching for diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--policy", type=policy_expression, default="FORA(interval=3)")
     ex.add_argument("--batch", type=int_in(1, MAX_BATCH), default=2)
     ex.set_defaults(func=_explain, parser=ex)
+
+    srv = sub.add_parser("serve", help="serve the reference model compiled with a policy over HTTP (Ray Serve)")
+    srv.add_argument("--policy", type=policy_expression, default="FORA(interval=3)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    srv.add_argument("--port", type=int_in(1, 65535), default=8000)
+    srv.add_argument("--replicas", type=int_in(1, 1024), default=1)
+    srv.add_argument("--max-ongoing-requests", type=int_in(1, 100000), default=8, help="requests one replica accepts at once")
+    srv.add_argument("--cpus-per-replica", type=float, default=1.0)
+    srv.add_argument("--threads", type=int_in(1, 1024), default=None, help="torch threads per replica")
+    srv.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until interrupted)")
+    srv.set_defaults(func=_serve, check=_check_serve, parser=srv)
 
     try:
         from adacache.bench.cli import add_bench_parser
