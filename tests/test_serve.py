@@ -45,7 +45,10 @@ def test_a_request_gets_the_images_of_its_own_generation():
     result = generator.generate(request)
     expected = sample(adacache.compile(load_reference_model(), adacache.FORA(interval=3)), [4], seeds=[7], num_steps=6)
     assert torch.equal(torch.tensor(result.tensor), expected)
-    assert result.stats["steps"] == 6 and result.stats["reused_steps"] == 4 and result.stats["hit_rate"] > 0
+    assert result.stats["steps"] == 6 and result.stats["reused_steps"] == 4 and result.stats["hit_rate"] == pytest.approx(4 / 6)
+    # The statistics are the request's own, not those of the requests before it on this thread.
+    longer = generator.generate(generator.parse({"class_labels": [2, 3], "num_inference_steps": 10, "output": "tensor"}))
+    assert longer.stats["steps"] == 10 and longer.stats["reused_steps"] == 6 and longer.stats["hit_rate"] == pytest.approx(6 / 10)
     png = generator.generate(generator.parse({"class_labels": [4], "seeds": [7], "num_inference_steps": 6}))
     assert len(png.images) == 1 and png.images[0].startswith("iVBOR")  # base64 of the PNG signature
 

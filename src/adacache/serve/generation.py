@@ -127,9 +127,12 @@ class Generator:
         from adacache.reference import sample
 
         started = time.perf_counter()
-        images = sample(self.model, list(request.class_labels), seeds=list(request.seeds),
-                        num_steps=request.num_inference_steps, guidance_scale=request.guidance_scale)
-        summary = adacache.summary(self.model)  # this thread's session: the request just run
+        # A session of its own: its counters are this request's, not those of every request
+        # the same worker thread served before.
+        with adacache.session(self.model) as session:
+            images = sample(self.model, list(request.class_labels), seeds=list(request.seeds),
+                            num_steps=request.num_inference_steps, guidance_scale=request.guidance_scale)
+        summary = adacache.summary(self.model, session)
         reused = [any(bool(v) for v in row["reused"].values()) for row in summary.per_step]
         stats = {"steps": len(reused), "reused_steps": sum(reused), "hit_rate": summary.hit_rate,
                  "flops_skipped": summary.flops_skipped, "cache_mib": summary.cache_bytes / 2**20}
