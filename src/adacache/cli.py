@@ -69,7 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
     # A service manager stops with SIGTERM: stop Ray as on Ctrl-C, or its processes outlive this one.
     signal.signal(signal.SIGTERM, _interrupt)
     url = start(args.policy, host=args.host, port=args.port, replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
-                cpus_per_replica=args.cpus_per_replica, threads=args.threads)
+                cpus_per_replica=args.cpus_per_replica, threads=args.threads, max_batch_size=args.max_batch_size,
+                batch_wait_s=args.batch_wait_ms / 1000.0)
     until = "until interrupted (Ctrl-C)" if not args.duration else f"for {args.duration:g} s"
     print(f"serving the reference model with {args.policy} at {url} {until}; POST a JSON object such as "
           '{"class_labels": [3, 7], "seeds": [0, 1], "num_inference_steps": 50, "guidance_scale": 4.0, "output": "png"}', flush=True)
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--max-ongoing-requests", type=int_in(1, 100000), default=8, help="requests one replica accepts at once")
     srv.add_argument("--cpus-per-replica", type=float, default=1.0)
     srv.add_argument("--threads", type=int_in(1, 1024), default=None, help="torch threads per replica")
+    srv.add_argument("--max-batch-size", type=int_in(1, 1024), default=1,
+                     help="requests one call of the model may serve together (only where that changes no request's images)")
+    srv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for others to batch with")
     srv.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until interrupted)")
     srv.set_defaults(func=_serve, check=_check_serve, parser=srv)
 

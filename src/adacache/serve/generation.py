@@ -104,7 +104,7 @@ class Generator:
     thread its own session, and each request announces itself, so no request ever reads
     another's cache."""
 
-    def __init__(self, policy: str = "FORA(interval=3)", threads: int | None = None) -> None:
+    def __init__(self, policy: str = "FORA(interval=3)", threads: int | None = None, warm_up: bool = True) -> None:
         import torch
 
         import adacache
@@ -116,6 +116,9 @@ class Generator:
         self.policy = parse_policy(policy)
         self.model = adacache.compile(load_reference_model(), self.policy)
         self.num_classes = NUM_CLASSES
+        if warm_up:
+            # Capture now, not in the first user's request (and learn whether batching is safe).
+            self._run([0], [0], 2, 4.0)
 
     def parse(self, body: Any) -> GenerationRequest:
         """A checked request from a JSON body (see :meth:`GenerationRequest.from_json`)."""
@@ -123,27 +126,63 @@ class Generator:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run one request to its images, with its own caches and statistics."""
+        return self.generate_many([request])[0]
+
+    @property
+    def batch_independent(self) -> bool:
+        """Whether a request's images are the same in a batch as alone: the policy decides by
+        its schedule alone (no in-graph score reads the batch's features; a gated policy
+        reuses only when every row agrees, so batch-mates would change each other's
+        decisions) and does not own the sampling loop."""
+        if self.policy.owns_trajectory:
+            return False
+        programs = self.model.adacache.programs
+        if not programs:
+            return False  # not captured yet: nothing known, nothing risked
+        return not any(spec.kind == "score" for program in programs for spec in program.layout.signals)
+
+    def generate_many(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Answer several requests. Those with the same step count and guidance share one
+        call of the model when that changes no request's images (:attr:`batch_independent`);
+        otherwise each runs alone. Each answer says how many requests shared its call."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, request in enumerate(requests):
+            key = (request.num_inference_steps, request.guidance_scale) if self.batch_independent else (index,)
+            groups.setdefault(key, []).append(index)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for members in groups.values():
+            shared = [requests[i] for i in members]
+            images, stats, seconds = self._run(
+                [label for r in shared for label in r.class_labels], [seed for r in shared for seed in r.seeds],
+                shared[0].num_inference_steps, shared[0].guidance_scale)
+            start = 0
+            for index, request in zip(members, shared):
+                own = images[start : start + len(request.class_labels)]
+                start += len(request.class_labels)
+                results[index] = GenerationResult(
+                    images=[_png(image) for image in own] if request.output == "png" else None,
+                    tensor=own.tolist() if request.output == "tensor" else None,
+                    shape=list(own.shape),
+                    policy=self.policy.describe(),
+                    stats={**stats, "requests_in_call": len(members)},
+                    seconds=seconds,
+                )
+        return [r for r in results if r is not None]
+
+    def _run(self, labels: list[int], seeds: list[int], steps: int, guidance: float) -> tuple[Any, dict[str, Any], float]:
         import adacache
         from adacache.reference import sample
 
         started = time.perf_counter()
-        # A session of its own: its counters are this request's, not those of every request
+        # A session of its own: its counters are this call's, not those of every request
         # the same worker thread served before.
         with adacache.session(self.model) as session:
-            images = sample(self.model, list(request.class_labels), seeds=list(request.seeds),
-                            num_steps=request.num_inference_steps, guidance_scale=request.guidance_scale)
+            images = sample(self.model, labels, seeds=seeds, num_steps=steps, guidance_scale=guidance)
         summary = adacache.summary(self.model, session)
         reused = [any(bool(v) for v in row["reused"].values()) for row in summary.per_step]
         stats = {"steps": len(reused), "reused_steps": sum(reused), "hit_rate": summary.hit_rate,
                  "flops_skipped": summary.flops_skipped, "cache_mib": summary.cache_bytes / 2**20}
-        return GenerationResult(
-            images=[_png(image) for image in images] if request.output == "png" else None,
-            tensor=images.tolist() if request.output == "tensor" else None,
-            shape=list(images.shape),
-            policy=self.policy.describe(),
-            stats=stats,
-            seconds=time.perf_counter() - started,
-        )
+        return images, stats, time.perf_counter() - started
 
 
 def _png(image: Any) -> str:
