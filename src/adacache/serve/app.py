@@ -1,9 +1,11 @@
 """The Ray Serve deployment: HTTP in front of :class:`adacache.serve.generation.Generator`.
 
-Each replica compiles the model once; requests run in the replica's threads (Ray Serve
-runs a deployment's synchronous work off its event loop), each with its own adacache
-session, so concurrent requests never share a cache. ``max_ongoing_requests`` bounds what a
-replica accepts at once; Ray Serve queues the rest at the proxy.
+Each replica compiles (and captures) the model once at start-up. A replica runs one call of
+the model at a time, in a worker thread off its event loop, each call in an adacache session
+of its own, so no request ever reads another's cache; the requests that arrive while it runs
+wait, and are handed over together as the next batch (``@serve.batch``). More replicas serve
+more calls at once. ``max_ongoing_requests`` bounds what a replica accepts; Ray Serve queues
+the rest at the proxy.
 """
 
 from __future__ import annotations
