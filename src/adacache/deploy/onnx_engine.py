@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError
-from ..stepping import StepTracker, allow_reuse, call_timestep, forecast_controls
+from ..stepping import StepTracker, call_timestep
 from .manifest import read_manifest
 from .requests import PerThreadRequests, RequestState, reused_sites
 
@@ -207,12 +207,11 @@ class OnnxEngine:
         schedules = self.manifest["schedules"]
         forecast = self.manifest.get("forecast")
         if forecast:
-            coef, update = forecast_controls(schedules[forecast["schedule_of"]], planned.step, forecast["order"], planned.tracker.fresh_from,
-                                           planned.tracker.total_steps, forecast.get("basis"))
+            coef, update = planned.forecast_controls(self.manifest)
             binding.bind_ortvalue_input(forecast["coef"], self._device_value(np.asarray(coef, dtype=np.float32)))
             binding.bind_ortvalue_input(forecast["update"], self._device_value(np.asarray(update, dtype=np.float32)))
         for control in self.manifest["controls"]:
-            allowed = allow_reuse(schedules[control["site"]], planned.step, planned.tracker.total_steps, planned.tracker.last_timestep)
+            allowed = planned.allow_reuse(schedules[control["site"]])
             binding.bind_ortvalue_input(control["name"], self._flags[allowed])
         self.session.run_with_iobinding(binding)
         results = binding.get_outputs()

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from .. import stepping
 from ..stepping import StepTracker
 
 Buffers = TypeVar("Buffers")
@@ -53,6 +54,18 @@ class PlannedCall(Generic[Buffers]):
     @property
     def step(self) -> int:
         return self.tracker.step
+
+    def allow_reuse(self, schedule: dict[str, Any]) -> bool:
+        """The schedule's verdict for this call: its step, its request's length, its timestep."""
+        t = self.tracker
+        return stepping.allow_reuse(schedule, t.step, t.total_steps, t.last_timestep)
+
+    def forecast_controls(self, manifest: dict[str, Any]) -> tuple[list[float], list[float]]:
+        """The forecast coefficients and update factors of this call, from the manifest's
+        ``forecast`` entry (its order, basis and the schedule it follows)."""
+        forecast, t = manifest["forecast"], self.tracker
+        schedule = manifest["schedules"][forecast["schedule_of"]]
+        return stepping.forecast_controls(schedule, t.step, forecast["order"], t.fresh_from, t.total_steps, forecast.get("basis"))
 
     def commit(self, buffers_after: Buffers, reused_sites: list[str]) -> None:
         """The call ran: its step, its slot's buffers and its reuse counts become the request's."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError, SessionError
-from ..stepping import StepTracker, allow_reuse, call_timestep, forecast_controls
+from ..stepping import StepTracker, call_timestep
 from .manifest import read_manifest
 from .requests import PerThreadRequests, reused_sites
 
@@ -129,14 +129,13 @@ class TensorRTEngine:
         forecast = self.manifest.get("forecast")
         keep_alive = []
         if forecast:
-            coef, update = forecast_controls(self.manifest["schedules"][forecast["schedule_of"]], planned.step, forecast["order"], planned.tracker.fresh_from,
-                                           planned.tracker.total_steps, forecast.get("basis"))
+            coef, update = planned.forecast_controls(self.manifest)
             for name, values in ((forecast["coef"], coef), (forecast["update"], update)):
                 tensor = torch.tensor(values, dtype=torch.float32, device="cuda")
                 keep_alive.append(tensor)
                 ctx.set_tensor_address(name, tensor.data_ptr())
         for control in self.manifest["controls"]:
-            allowed = allow_reuse(self.manifest["schedules"][control["site"]], planned.step, planned.tracker.total_steps, planned.tracker.last_timestep)
+            allowed = planned.allow_reuse(self.manifest["schedules"][control["site"]])
             ctx.set_tensor_address(control["name"], self._flags[allowed].data_ptr())
         for state, cur, nxt in zip(self.manifest["states"], current, spare):
             ctx.set_tensor_address(state["name"], cur.data_ptr())

@@ -25,9 +25,22 @@ BLOCK_CONTAINERS = (
     "blocks",
     "layers",
 )
-# Children of a block cached at the "module" granularity: attention and feed-forward.
-_SUBMODULE_TYPE = re.compile(r"(Attention|FeedForward|Mlp|MLP)$")
-_SUBMODULE_NAME = re.compile(r"^(attn\d*|attention|self_attn|cross_attn|ff|ff_context|mlp|feed_forward)$")
+# Children of a block cached at the "module" granularity: attention and feed-forward, known
+# by their class name or by the names diffusers gives them.
+_ATTENTION_TYPE = re.compile(r"Attention$")
+_ATTENTION_NAME = re.compile(r"^(attn\d*|attention|self_attn|cross_attn)$")
+_FEED_FORWARD_TYPE = re.compile(r"(FeedForward|Mlp|MLP)$")
+_FEED_FORWARD_NAME = re.compile(r"^(ff|ff_context|mlp|feed_forward)$")
+
+
+def is_attention(name: str, module_type: str) -> bool:
+    """Whether the child of a block called ``name`` (its last path component) with class
+    ``module_type`` is an attention call."""
+    return bool(_ATTENTION_TYPE.search(module_type.rsplit(".", 1)[-1]) or _ATTENTION_NAME.match(name))
+
+
+def _is_feed_forward(name: str, module_type: str) -> bool:
+    return bool(_FEED_FORWARD_TYPE.search(module_type.rsplit(".", 1)[-1]) or _FEED_FORWARD_NAME.match(name))
 
 REGION_META = "adacache_region"
 
@@ -203,7 +216,7 @@ def _find_submodules(block: Region, order: dict[fx.Node, int]) -> list[Region]:
             child = path[len(prefix) :]
             if "." in child:
                 continue
-            if _SUBMODULE_TYPE.search(typ.rsplit(".", 1)[-1]) or _SUBMODULE_NAME.match(child):
+            if is_attention(child, typ) or _is_feed_forward(child, typ):
                 wanted.add(path)
     subs = []
     for key, (path, typ, nodes) in _group(block.nodes, wanted, under=block.key).items():

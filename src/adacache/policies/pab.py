@@ -3,17 +3,14 @@ inside a window of timesteps."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from ..errors import PolicyError
+from ..passes.find_blocks import is_attention
 from ..passes.regions import Region
 from ..validate import policy_number
 from .base import Policy, SitePlan, check, policy_dataclass, rebuild_for
 
-#: Sub-modules that are attention calls: by class name, or by the names diffusers gives them.
-_ATTENTION_TYPE = re.compile(r"Attention$")
-_ATTENTION_NAME = re.compile(r"^(attn\d*|attention|self_attn|cross_attn)$")
 KINDS = ("spatial", "temporal", "cross")
 
 
@@ -22,7 +19,7 @@ def attention_kind(block: str, attention: Region) -> str | None:
     says), ``temporal`` for self-attention in a block of a temporal stack, ``spatial`` for
     any other self-attention; ``None`` for a sub-module that is not attention."""
     leaf = attention.name.rsplit(".", 1)[-1]
-    if not (_ATTENTION_TYPE.search(attention.module_type.rsplit(".", 1)[-1]) or _ATTENTION_NAME.match(leaf)):
+    if not is_attention(leaf, attention.module_type):
         return None
     if attention.cross_attention is None and leaf == "cross_attn":
         return "cross"  # the module does not say; its name does

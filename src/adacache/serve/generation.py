@@ -146,8 +146,9 @@ class Generator:
         call of the model when that changes no request's images (:attr:`batch_independent`);
         otherwise each runs alone. Each answer says how many requests shared its call."""
         groups: dict[tuple[Any, ...], list[int]] = {}
+        shareable = self.batch_independent
         for index, request in enumerate(requests):
-            key = (request.num_inference_steps, request.guidance_scale) if self.batch_independent else (index,)
+            key = (request.num_inference_steps, request.guidance_scale) if shareable else (index,)
             groups.setdefault(key, []).append(index)
         results: list[GenerationResult | None] = [None] * len(requests)
         for members in groups.values():
